@@ -1,0 +1,156 @@
+"""Running the legacy processor: one contract, two transports.
+
+`ExecProcessor` spawns the command in the worker's container (dev, tests, single-container
+deploys). `FastCGIProcessor` (fastcgi_transport.py) asks the php-fpm sidecar's runner.php
+to do the same. Both return an `outcome.ProcessResult`; neither raises for anything the
+processor did. Cancellation kills the processor's whole process group and re-raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from mailflow.outcome import ProcessResult
+
+HEAD_BYTES = 64
+STREAM_CHUNK_BYTES = 64 * 1024
+#: After the processor exits, how long its stdout/stderr may stay open (a grandchild holding
+#: them) before the leftovers of its process group are killed.
+PIPE_DRAIN_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessRequest:
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    #: The raw mail, exactly as stored: the processor's stdin.
+    stdin_path: Path
+    timeout_s: float
+    kill_grace_s: float = 5.0
+    cwd: Path | None = None
+    tail_bytes: int = 4096
+
+
+class Processor(Protocol):
+    async def run(self, request: ProcessRequest) -> ProcessResult: ...
+
+    async def close(self) -> None: ...
+
+
+class OutputCapture:
+    """Bounded capture of a stream: the first HEAD_BYTES and the last `tail_bytes`."""
+
+    def __init__(self, tail_bytes: int) -> None:
+        self._limit = tail_bytes
+        self.head = b""
+        self._tail = bytearray()
+        self.total_bytes = 0
+
+    def feed(self, chunk: bytes) -> None:
+        if len(self.head) < HEAD_BYTES:
+            self.head += chunk[: HEAD_BYTES - len(self.head)]
+        self.total_bytes += len(chunk)
+        self._tail += chunk
+        if len(self._tail) > self._limit:
+            del self._tail[: len(self._tail) - self._limit]
+
+    @property
+    def tail(self) -> bytes:
+        return bytes(self._tail)
+
+
+async def _pump(stream: asyncio.StreamReader | None, capture: OutputCapture) -> None:
+    if stream is None:
+        return
+    while chunk := await stream.read(STREAM_CHUNK_BYTES):
+        capture.feed(chunk)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+async def _terminate_group(proc: asyncio.subprocess.Process, grace_s: float) -> None:
+    """SIGTERM to the whole group, then SIGKILL after the grace: grandchildren included."""
+    _signal_group(proc.pid, signal.SIGTERM)
+    try:
+        async with asyncio.timeout(grace_s):
+            await proc.wait()
+    except TimeoutError:
+        pass
+    _signal_group(proc.pid, signal.SIGKILL)
+    await proc.wait()
+
+
+class ExecProcessor:
+    """The sendmail/postfix pipe, minus the shell."""
+
+    async def run(self, request: ProcessRequest) -> ProcessResult:
+        started = time.monotonic()
+        out, err = OutputCapture(request.tail_bytes), OutputCapture(request.tail_bytes)
+        try:
+            # The child reads the spool file itself: no copy of the mail passes through us.
+            with request.stdin_path.open("rb") as stdin:
+                proc = await asyncio.create_subprocess_exec(
+                    *request.argv,
+                    stdin=stdin,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE,
+                    env=request.env,
+                    cwd=request.cwd,
+                    # Own process group: a timeout or a lost lease kills grandchildren too.
+                    process_group=0,
+                    close_fds=True,
+                )
+        except OSError as exc:
+            return ProcessResult(
+                transport_error=f"spawn failed: {exc.strerror or exc}",
+                duration_s=time.monotonic() - started,
+            )
+        pumps = asyncio.gather(_pump(proc.stdout, out), _pump(proc.stderr, err))
+        timed_out = False
+        try:
+            try:
+                async with asyncio.timeout(request.timeout_s):
+                    await proc.wait()
+            except TimeoutError:
+                timed_out = True
+                await _terminate_group(proc, request.kill_grace_s)
+        except asyncio.CancelledError:
+            # Lost lease or forced shutdown: nobody may keep running on our behalf.
+            await asyncio.shield(_terminate_group(proc, request.kill_grace_s))
+            pumps.cancel()
+            raise
+        try:
+            async with asyncio.timeout(PIPE_DRAIN_S):
+                await asyncio.shield(pumps)
+        except TimeoutError:
+            pass
+        finally:
+            # Whatever the processor left behind in its group goes with it.
+            _signal_group(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                async with asyncio.timeout(PIPE_DRAIN_S):
+                    await pumps
+        returncode = proc.returncode
+        return ProcessResult(
+            exit_code=returncode if returncode is not None and returncode >= 0 else None,
+            signal=-returncode if returncode is not None and returncode < 0 else None,
+            timed_out=timed_out,
+            stdout_tail=out.tail,
+            stderr_tail=err.tail,
+            stdout_head=out.head,
+            stderr_head=err.head,
+            duration_s=time.monotonic() - started,
+        )
+
+    async def close(self) -> None:
+        return None
