@@ -1,0 +1,182 @@
+"""The AWS edge: clients, retries, and the mapping of foreign exceptions to mailflow's own.
+
+Every AWS call goes through `call()`. botocore's own retries are switched off so there is
+exactly one retry layer (tenacity: jittered exponential backoff, bounded in tries and time).
+What is still failing after that becomes a `TransientError`; a definite "no" from AWS becomes
+a `PermanentError` (or `ConditionFailedError`, which carries the item that made it fail).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aioboto3
+import aiohttp
+import botocore.exceptions
+import structlog
+from aiobotocore.config import AioConfig
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+from mailflow.errors import PermanentError, TransientError
+
+log = structlog.get_logger("mailflow.aws")
+
+T = TypeVar("T")
+
+THROTTLING_CODES = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "ThrottledException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "ProvisionedThroughputExceededException",
+        "RequestLimitExceeded",
+        "SlowDown",
+        "TransactionInProgressException",
+        "LimitExceededException",
+    },
+)
+SERVER_CODES = frozenset(
+    {
+        "InternalError",
+        "InternalFailure",
+        "InternalServerError",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+        "RequestTimeout",
+        "RequestTimeoutException",
+        "KMS.InternalException",
+    },
+)
+#: Errors below the HTTP layer: the request may or may not have been applied.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    botocore.exceptions.ConnectionError,  # EndpointConnectionError, ConnectionClosedError, ...
+    botocore.exceptions.HTTPClientError,
+    botocore.exceptions.ReadTimeoutError,
+    aiohttp.ClientError,
+    asyncio.TimeoutError,
+    ConnectionError,
+)
+
+CALL_ATTEMPTS = 6
+CALL_DEADLINE_S = 30.0
+
+
+class RetryableAwsError(TransientError):
+    """One try failed in a way worth another try."""
+
+
+class AwsPermanentError(PermanentError):
+    def __init__(self, operation: str, code: str, message: str) -> None:
+        super().__init__(f"{operation}: {code}: {message}")
+        self.operation = operation
+        self.code = code
+
+
+class ConditionFailedError(AwsPermanentError):
+    """A DynamoDB condition did not hold. `item` is the item as it was (ALL_OLD), if asked."""
+
+    def __init__(self, operation: str, message: str, item: dict[str, Any] | None) -> None:
+        super().__init__(operation, "ConditionalCheckFailedException", message)
+        self.item = item
+
+
+def error_code(exc: botocore.exceptions.ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def map_error(operation: str, exc: BaseException) -> Exception:
+    """A foreign exception → a mailflow one. Called at the boundary and nowhere else."""
+    if isinstance(exc, botocore.exceptions.ClientError):
+        code = error_code(exc)
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        message = str(exc.response.get("Error", {}).get("Message", ""))
+        if code == "ConditionalCheckFailedException":
+            return ConditionFailedError(operation, message, exc.response.get("Item"))
+        if code in THROTTLING_CODES or code in SERVER_CODES or status >= 500 or status == 429:
+            return RetryableAwsError(f"{operation}: {code or status}: {message}")
+        return AwsPermanentError(operation, code or str(status), message)
+    if isinstance(exc, CONNECTION_ERRORS):
+        return RetryableAwsError(f"{operation}: {type(exc).__name__}: {exc}")
+    if isinstance(exc, botocore.exceptions.BotoCoreError):
+        return AwsPermanentError(operation, type(exc).__name__, str(exc))
+    return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+
+
+async def call(
+    operation: str,
+    fn: Callable[..., Awaitable[T]],
+    /,
+    **kwargs: Any,
+) -> T:
+    """Run one AWS call with bounded, jittered retries; raise only mailflow errors.
+
+    Retried calls must be safe to repeat. Conditional writes are: a retry after a lost
+    response fails its condition, and the callers recognise their own earlier write by its
+    lease token (see ledger.py).
+    """
+    retrying = AsyncRetrying(
+        retry=retry_if_exception_type(RetryableAwsError),
+        stop=stop_after_attempt(CALL_ATTEMPTS) | stop_after_delay(CALL_DEADLINE_S),
+        wait=wait_random_exponential(multiplier=0.05, max=5.0),
+        reraise=True,
+        before_sleep=lambda rs: log.warning(
+            "aws_retry",
+            operation=operation,
+            attempt=rs.attempt_number,
+            error=str(rs.outcome.exception()) if rs.outcome else "",
+        ),
+    )
+    try:
+        async for attempt in retrying:
+            with attempt:
+                try:
+                    return await fn(**kwargs)
+                except Exception as exc:  # mapped right here, the boundary
+                    raise map_error(operation, exc) from exc
+    except RetryableAwsError as exc:
+        raise TransientError(str(exc)) from exc
+    raise AssertionError("unreachable: tenacity re-raises")  # pragma: no cover
+
+
+@dataclass(slots=True)
+class AwsClients:
+    s3: Any
+    sqs: Any
+    sns: Any
+    dynamodb: Any
+
+
+def client_config(max_pool_connections: int = 32) -> AioConfig:
+    return AioConfig(
+        retries={"max_attempts": 1, "mode": "standard"},  # tenacity is the one retry layer
+        connect_timeout=5,
+        read_timeout=30,  # > the 20 s SQS long poll
+        max_pool_connections=max_pool_connections,
+        tcp_keepalive=True,
+    )
+
+
+@contextlib.asynccontextmanager
+async def open_clients(max_pool_connections: int = 32) -> AsyncIterator[AwsClients]:
+    """One client per service for the life of the process; endpoints come from AWS_* vars."""
+    session = aioboto3.Session()
+    config = client_config(max_pool_connections)
+    async with contextlib.AsyncExitStack() as stack:
+        s3 = await stack.enter_async_context(session.client("s3", config=config))
+        sqs = await stack.enter_async_context(session.client("sqs", config=config))
+        sns = await stack.enter_async_context(session.client("sns", config=config))
+        ddb = await stack.enter_async_context(session.client("dynamodb", config=config))
+        yield AwsClients(s3=s3, sqs=sqs, sns=sns, dynamodb=ddb)

@@ -1,0 +1,230 @@
+"""`mailflow …`: one entry point, one Settings object, one logging setup, named exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import structlog
+from pydantic import ValidationError
+
+from mailflow import cli_ops, logs
+from mailflow.config import Settings, describe_validation_error
+from mailflow.errors import MailflowError
+from mailflow.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK
+
+log = structlog.get_logger("mailflow.cli")
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def load_settings(**overrides: Any) -> Settings:
+    return Settings(**overrides)
+
+
+def run_async(coro_fn: Callable[[], Coroutine[Any, Any, int]]) -> int:
+    try:
+        return asyncio.run(coro_fn())
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    from mailflow.aws import open_clients  # noqa: PLC0415 - keep `--help` fast
+    from mailflow.worker import Worker  # noqa: PLC0415
+
+    async def main() -> int:
+        async with open_clients(settings.concurrency * 2 + 8) as clients:
+            worker = Worker(settings, clients)
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, worker.request_stop)
+            return await worker.run()
+
+    return run_async(main)
+
+
+def cmd_provision(args: argparse.Namespace, settings: Settings) -> int:
+    from mailflow.aws import open_clients  # noqa: PLC0415
+    from mailflow.provision import provision  # noqa: PLC0415
+    from mailflow.views import print_json  # noqa: PLC0415
+
+    async def main() -> int:
+        async with open_clients() as clients:
+            print_json(await provision(clients, settings))
+        return EXIT_OK
+
+    return run_async(main)
+
+
+def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
+    from mailflow.aws import open_clients  # noqa: PLC0415
+    from mailflow.ses import receive_mail, topic_arn  # noqa: PLC0415
+
+    files: list[Path] = args.files
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        sys.stderr.write(f"mailflow send: no such file: {', '.join(missing)}\n")
+        return EXIT_CONFIG
+
+    async def main() -> int:
+        async with open_clients() as clients:
+            arn = await topic_arn(clients, settings)
+            for path in files:
+                mail_id = await receive_mail(
+                    clients, settings, path.read_bytes(), args.to, args.sender, arn=arn,
+                    verdict=args.verdict,
+                )
+                sys.stdout.write(mail_id + "\n")
+                sys.stdout.flush()
+        return EXIT_OK
+
+    return run_async(main)
+
+
+def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
+    from mailflow.browse import list_deliveries  # noqa: PLC0415
+
+    return run_async(lambda: list_deliveries(args, settings))
+
+
+def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
+    from mailflow.browse import show_mail  # noqa: PLC0415
+
+    return run_async(lambda: show_mail(args, settings))
+
+
+def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    from mailflow.worker import health_age_s  # noqa: PLC0415
+
+    age = health_age_s(settings.heartbeat_file)
+    if age is None:
+        sys.stderr.write(f"unhealthy: no heartbeat file at {settings.heartbeat_file}\n")
+        return EXIT_FAILURE
+    if age > settings.heartbeat_max_age_s:
+        sys.stderr.write(
+            f"unhealthy: heartbeat {age:.1f}s old (max {settings.heartbeat_max_age_s:.0f}s)\n",
+        )
+        return EXIT_FAILURE
+    sys.stdout.write(f"ok: heartbeat {age:.1f}s old\n")
+    return EXIT_OK
+
+
+def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
+    from mailflow.devmode import run_dev  # noqa: PLC0415
+
+    return run_dev(args)
+
+
+def cmd_smtp(args: argparse.Namespace, settings: Settings) -> int:
+    from mailflow.aws import open_clients  # noqa: PLC0415
+    from mailflow.smtp_emulator import serve  # noqa: PLC0415
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with open_clients() as clients:
+            await serve(settings, clients, args.host, args.port, args.domain, stop)
+        return EXIT_OK
+
+    return run_async(main)
+
+
+# --- parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mailflow",
+        description=(
+            "Order-mail worker: SES → S3 + SNS → SQS → DynamoDB claim → legacy processor."
+            " Configuration comes from MAILFLOW_* environment variables (see README);"
+            " AWS endpoints and region from the standard AWS_* variables."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("worker", help="run the worker until SIGTERM/SIGINT (drains gracefully)")
+    p.set_defaults(handler=cmd_worker)
+
+    p = sub.add_parser("provision", help="create bucket, topic, queue + DLQ, table (idempotent)")
+    p.set_defaults(handler=cmd_provision)
+
+    p = sub.add_parser("send", help="emulate SES receiving: store mail files, publish notices")
+    p.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    p.add_argument("--to", action="append", required=True, metavar="ADDR",
+                   help="envelope recipient (repeat for several)")
+    p.add_argument("--from", dest="sender", default="sender@example.com", metavar="ADDR",
+                   help="envelope sender (default: %(default)s)")
+    p.add_argument("--verdict", default="PASS", choices=["PASS", "FAIL", "GRAY"],
+                   help="SES spam/virus verdicts to claim (default: %(default)s)")
+    p.set_defaults(handler=cmd_send)
+
+    p = sub.add_parser("list", help="list deliveries (table, or --json)")
+    p.add_argument("--status", help="received|processing|retrying|succeeded|failed|archived")
+    p.add_argument("--route", help="only this route")
+    p.add_argument("--recipient", help="only this recipient (exact, case-insensitive)")
+    p.add_argument("--since", help="only updated since: ISO time or age like 30m, 2h, 1d")
+    p.add_argument("--limit", type=int, default=100, help="at most N rows (default 100)")
+    p.add_argument("--json", action="store_true", help="a JSON array of delivery objects")
+    p.set_defaults(handler=cmd_list)
+
+    p = sub.add_parser("show", help="every delivery of one mail, with its attempt history")
+    p.add_argument("mail_id")
+    p.add_argument("--json", action="store_true", help="a JSON array of delivery objects")
+    p.set_defaults(handler=cmd_show)
+
+    p = sub.add_parser("check", help="health check: exit 0 if the worker's heartbeat is fresh")
+    p.set_defaults(handler=cmd_check)
+
+    p = sub.add_parser(
+        "dev",
+        help="embedded default: moto server, provision, worker, sample mails (Ctrl-C stops)",
+    )
+    p.add_argument("--exit-when-done", action="store_true",
+                   help="stop once every sample delivery is terminal (for scripts and tests)")
+    p.add_argument("--port", type=int, default=0, help="moto server port (default: free port)")
+    p.set_defaults(handler=cmd_dev)
+
+    p = sub.add_parser("smtp", help="SES-receiving emulator over SMTP (stores to S3, notifies)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=2525)
+    p.add_argument("--domain", action="append", default=None, metavar="DOMAIN",
+                   help="accept mail for this domain (repeat; default: orders.example.com)")
+    p.set_defaults(handler=cmd_smtp)
+
+    cli_ops.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "command", None) == "smtp" and not args.domain:
+        args.domain = ["orders.example.com"]
+    try:
+        settings = load_settings()
+    except ValidationError as exc:
+        sys.stderr.write(f"mailflow: bad configuration: {describe_validation_error(exc)}\n")
+        return EXIT_CONFIG
+    logs.configure(settings.log_format, settings.log_level)
+    handler: Handler = args.handler
+    try:
+        return handler(args, settings)
+    except MailflowError as exc:
+        log.error("command_failed", command=args.command, error=str(exc))
+        sys.stderr.write(f"mailflow {args.command}: {exc}\n")
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

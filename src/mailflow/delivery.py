@@ -1,0 +1,353 @@
+"""One delivery, one attempt: claim → fetch → run the processor → record the outcome.
+
+What the SQS message should do afterwards is returned as a `Fate`; the worker combines the
+fates of all deliveries of a mail into one decision about the message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from mailflow.backoff import retry_delay_s
+from mailflow.config import Settings
+from mailflow.errors import LeaseLostError, ObjectMissingError, TooLargeError, TransientError
+from mailflow.ledger import Busy, Claimed, DeliveryKey, Ledger, Status, history_entry
+from mailflow.mail import MailSummary, summarize
+from mailflow.metrics import emf
+from mailflow.notification import MailRef
+from mailflow.outcome import Outcome, ProcessResult, Verdict, classify
+from mailflow.processor import Processor, ProcessRequest
+from mailflow.routing import DeliveryPlan, Unroutable, plan_delivery
+from mailflow.store import spooled
+
+log = structlog.get_logger("mailflow.delivery")
+
+
+@dataclass(frozen=True, slots=True)
+class Fate:
+    """`done`: terminal, nothing left for this message. `defer_until_s`: look again then.
+    `transient`: the backend failed us; let SQS redeliver after a short pause."""
+
+    done: bool = False
+    defer_until_s: float | None = None
+    transient: bool = False
+
+
+DONE = Fate(done=True)
+
+
+def _text(data: bytes, limit: int) -> str:
+    return data[-limit:].decode("utf-8", errors="backslashreplace")
+
+
+def base_env(settings: Settings) -> dict[str, str]:
+    """What the processor gets of our environment: the contract, never our AWS credentials."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
+        "LANG": "C.UTF-8",
+        "HOME": os.environ.get("HOME", "/"),
+    }
+    for name in settings.pass_env:
+        if name in os.environ:
+            env[name] = os.environ[name]
+    return env
+
+
+class Deliverer:
+    """Runs attempts. Holds no per-delivery state; the worker registers leases for heartbeat."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        s3: Any,
+        processor: Processor,
+        *,
+        worker_id: str,
+        spool_dir: Path,
+        register_lease: Callable[[DeliveryKey, str], Awaitable[None] | None],
+        unregister_lease: Callable[[DeliveryKey], None],
+        shutting_down: Callable[[], bool] = lambda: False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.s = settings
+        self.ledger = ledger
+        self.s3 = s3
+        self.processor = processor
+        self.worker_id = worker_id
+        self.spool_dir = spool_dir
+        self._register = register_lease
+        self._unregister = unregister_lease
+        self._shutting_down = shutting_down
+        self._clock = clock
+        self._env = base_env(settings)
+
+    def plan(self, ref: MailRef, recipient: str) -> DeliveryPlan | Unroutable:
+        return plan_delivery(
+            self.s.routes, recipient, sender=ref.sender, mail_id=ref.mail_id,
+            base_env=self._env,
+        )
+
+    def _meta(self, ref: MailRef, route: str | None) -> dict[str, Any]:
+        meta: dict[str, Any] = {
+            "bucket": ref.bucket,
+            "key": ref.key,
+            "sender": ref.sender,
+            "created_at": self._clock(),
+            "verdicts": ref.verdicts,
+        }
+        if ref.received_at_s is not None:
+            meta["received_at"] = ref.received_at_s
+        if route:
+            meta["route"] = route
+        return meta
+
+    def quarantine_reason(self, ref: MailRef) -> str | None:
+        for name in self.s.quarantine_verdicts:
+            if ref.verdicts.get(name, "").upper() == "FAIL":
+                return f"{name} verdict FAIL"
+        return None
+
+    async def record_final(
+        self, ref: MailRef, recipient: str, reason: str, detail: str, route: str | None,
+    ) -> Fate:
+        """Unroutable or quarantined: a terminal record with no processor run."""
+        key = DeliveryKey(ref.mail_id, recipient)
+        fields = self._meta(ref, route) | {
+            "outcome": Status.FAILED.value,
+            "reason": reason,
+            "detail": detail,
+            "expires_at": int(self._clock() + self.s.retention_days * 86400),
+        }
+        created = await self.ledger.record_without_claim(key, Status.FAILED, fields)
+        self._log_outcome(
+            ref, recipient, route or "-", Status.FAILED if created else "duplicate",
+            attempt=0, reason=reason, detail=detail,
+        )
+        if created:
+            return DONE
+        record = await self.ledger.get(key)
+        return DONE if record.get("status") in {"succeeded", "failed", "archived"} else Fate(
+            defer_until_s=self._clock() + 30,
+        )
+
+    async def deliver(self, ref: MailRef, plan: DeliveryPlan, recipient: str) -> Fate:
+        key = DeliveryKey(ref.mail_id, recipient)
+        token = secrets.token_hex(16)
+        claim = await self.ledger.claim(
+            key,
+            worker=self.worker_id,
+            token=token,
+            lease_s=self.s.lease_s,
+            meta=self._meta(ref, plan.route) | {"argv": list(plan.argv)},
+        )
+        if isinstance(claim, Busy):
+            return self._busy_fate(ref, recipient, claim)
+        registered = self._register(key, token)
+        if registered is not None:
+            await registered
+        try:
+            return await self._attempt(ref, plan, key, claim)
+        finally:
+            self._unregister(key)
+
+    def _busy_fate(self, ref: MailRef, recipient: str, busy: Busy) -> Fate:
+        log.info(
+            "duplicate" if busy.why == "terminal" else "deferred",
+            mail_id=ref.mail_id,
+            recipient=recipient,
+            why=busy.why,
+            status=busy.record.get("status"),
+            until_s=busy.until_s,
+        )
+        if busy.why == "terminal":
+            return DONE
+        return Fate(defer_until_s=busy.until_s)
+
+    async def _attempt(
+        self, ref: MailRef, plan: DeliveryPlan, key: DeliveryKey, claim: Claimed,
+    ) -> Fate:
+        attempt = claim.attempt
+        started = self._clock()
+        if attempt > self.s.max_attempts:
+            # Earlier attempts died without an outcome (worker killed mid-run): stop here.
+            outcome = Outcome(Verdict.PERMANENT, "attempts_exhausted")
+            return await self._record(ref, plan, key, claim, outcome, None, None, started)
+        summary: MailSummary | None = None
+        size_bytes: int | None = None
+        result: ProcessResult | None = None
+        try:
+            async with spooled(
+                self.s3, ref.bucket, ref.key, spool_dir=self.spool_dir,
+                max_bytes=self.s.max_mail_bytes,
+            ) as mail:
+                size_bytes = mail.size_bytes
+                summary = summarize(mail.head)
+                env = plan.env | {"MAILFLOW_ATTEMPT": str(attempt)}
+                result = await self.processor.run(
+                    ProcessRequest(
+                        argv=plan.argv,
+                        env=env,
+                        stdin_path=mail.path,
+                        timeout_s=self.s.processor_timeout_s,
+                        kill_grace_s=self.s.kill_grace_s,
+                        cwd=self.s.workdir,
+                        tail_bytes=self.s.output_tail_bytes,
+                    ),
+                )
+            outcome = classify(result, self.s.tempfail_codes)
+        except ObjectMissingError as exc:
+            missing_final = attempt >= self.s.missing_object_attempts
+            verdict = Verdict.PERMANENT if missing_final else Verdict.RETRY
+            outcome = Outcome(verdict, "object_missing")
+            result = ProcessResult(transport_error=str(exc))
+        except TooLargeError as exc:
+            outcome = Outcome(Verdict.PERMANENT, "too_large")
+            result = ProcessResult(transport_error=str(exc))
+        except TransientError as exc:
+            outcome = Outcome(Verdict.RETRY, "backend_unavailable")
+            result = ProcessResult(transport_error=str(exc))
+        except asyncio.CancelledError:
+            # Lost lease (the other worker owns the outcome) or forced shutdown: in the latter
+            # case hand the delivery back at once instead of waiting for the lease to expire.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling() and self._shutting_down():
+                outcome = Outcome(Verdict.RETRY, "worker_shutdown")
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(
+                        self._record(ref, plan, key, claim, outcome, None, None, started, now=True),
+                    )
+            raise
+        return await self._record(ref, plan, key, claim, outcome, result, summary, started,
+                                  size_bytes=size_bytes)
+
+    async def _record(
+        self,
+        ref: MailRef,
+        plan: DeliveryPlan,
+        key: DeliveryKey,
+        claim: Claimed,
+        outcome: Outcome,
+        result: ProcessResult | None,
+        summary: MailSummary | None,
+        started: float,
+        *,
+        size_bytes: int | None = None,
+        now: bool = False,
+    ) -> Fate:
+        attempt = claim.attempt
+        finished = self._clock()
+        fields: dict[str, Any] = {"reason": outcome.reason, "finished_at": finished}
+        if outcome.verdict is Verdict.SUCCESS:
+            status = Status.SUCCEEDED
+        elif outcome.verdict is Verdict.RETRY and attempt < self.s.max_attempts:
+            status = Status.RETRYING
+            delay = 0.0 if now else retry_delay_s(
+                attempt, base_s=self.s.retry_base_s, max_s=self.s.retry_max_s,
+            )
+            fields["next_attempt_at"] = finished + delay
+        else:
+            status = Status.FAILED
+            if outcome.verdict is Verdict.RETRY:
+                fields["reason"] = "attempts_exhausted"
+                fields["last_reason"] = outcome.reason
+        if status is not Status.RETRYING:
+            fields["outcome"] = status.value
+            fields["next_attempt_at"] = None
+            fields["expires_at"] = int(finished + self.s.retention_days * 86400)
+        if result is not None:
+            fields["exit_code"] = result.exit_code
+            fields["signal"] = result.signal
+            fields["stdout_tail"] = _text(result.stdout_tail, self.s.output_tail_bytes)
+            fields["stderr_tail"] = _text(result.stderr_tail, self.s.output_tail_bytes)
+            fields["duration_ms"] = round(result.duration_s * 1000, 1)
+            if result.transport_error:
+                fields["detail"] = result.transport_error[:1000]
+        if outcome.enhanced_status:
+            fields["enhanced_status"] = outcome.enhanced_status
+        if size_bytes is not None:
+            fields["size_bytes"] = size_bytes
+        if summary is not None:
+            fields.update(summary.as_record())
+        entry = history_entry(
+            attempt=attempt,
+            worker=self.worker_id,
+            started_at=started,
+            finished_at=finished,
+            status=status,
+            reason=str(fields["reason"]),
+            exit_code=result.exit_code if result else None,
+            stderr_tail=fields.get("stderr_tail", ""),
+        )
+        # Shielded: once the processor has run, its outcome must be written even if we are
+        # being cancelled; a lost outcome would run the legacy script again.
+        write = asyncio.ensure_future(
+            self.ledger.finish(key, claim.token, status, fields, entry),
+        )
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await write
+            raise
+        except LeaseLostError as exc:
+            log.warning("lease_lost_at_finish", mail_id=ref.mail_id, recipient=key.recipient,
+                        error=str(exc))
+            return Fate(defer_until_s=self._clock() + self.s.lease_s)
+        self._log_outcome(
+            ref, key.recipient, plan.route, status, attempt=attempt, reason=str(fields["reason"]),
+            exit_code=result.exit_code if result else None,
+            duration_ms=fields.get("duration_ms"), size_bytes=size_bytes,
+            detail=fields.get("detail"), started_s=started,
+        )
+        if status is Status.RETRYING:
+            return Fate(defer_until_s=float(fields["next_attempt_at"]))
+        return DONE
+
+    def _log_outcome(
+        self,
+        ref: MailRef,
+        recipient: str,
+        route: str,
+        status: Status | str,
+        *,
+        attempt: int,
+        reason: str,
+        exit_code: int | None = None,
+        duration_ms: float | None = None,
+        size_bytes: int | None = None,
+        detail: str | None = None,
+        started_s: float | None = None,
+    ) -> None:
+        now = self._clock()
+        # Queue lag: SES receipt → this attempt's start (the time the mail waited for us).
+        lag_ms = ((started_s or now) - ref.received_at_s) * 1000 if ref.received_at_s else None
+        log.info(
+            "delivery",
+            mail_id=ref.mail_id,
+            recipient=recipient,
+            reason=reason,
+            exit_code=exit_code,
+            duration_ms=duration_ms,
+            size_bytes=size_bytes,
+            detail=detail,
+            **emf(
+                self.s.metrics_namespace,
+                route=route,
+                status=str(status),
+                attempt=attempt,
+                processor_ms=duration_ms,
+                queue_lag_ms=lag_ms,
+                now_ms=int(now * 1000),
+            ),
+        )

@@ -1,0 +1,40 @@
+"""Per-tenant concurrency: at most N deliveries of one route key (e.g. one store) at a time.
+
+The legacy stock update may not survive two orders of one store at once; other stores must
+keep flowing meanwhile, so the gate is per key, not global.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+
+class KeyGate:
+    def __init__(self) -> None:
+        self._gates: dict[tuple[str, str], asyncio.Semaphore] = {}
+        self._users: dict[tuple[str, str], int] = {}
+
+    def busy(self, route: str, key: str | None, limit: int | None) -> bool:
+        if key is None or limit is None:
+            return False
+        gate = self._gates.get((route, key))
+        return gate is not None and gate.locked()
+
+    @contextlib.asynccontextmanager
+    async def slot(self, route: str, key: str | None, limit: int | None) -> AsyncIterator[None]:
+        if key is None or limit is None:
+            yield
+            return
+        name = (route, key)
+        gate = self._gates.setdefault(name, asyncio.Semaphore(limit))
+        self._users[name] = self._users.get(name, 0) + 1
+        try:
+            async with gate:
+                yield
+        finally:
+            self._users[name] -= 1
+            if self._users[name] == 0:  # forget idle keys: hundreds of stores, bounded memory
+                del self._users[name]
+                del self._gates[name]

@@ -1,0 +1,442 @@
+"""The deliveries table (DynamoDB): claim, lease, fencing, outcome. The one source of truth.
+
+Key: `mail_id` (SES messageId) + `recipient` (lower-cased envelope recipient). Never the SQS
+MessageId: a duplicate SNS delivery gets a new one.
+
+Delivery semantics, in one place:
+- `claim` is one conditional write. It wins when the item does not exist, is `received`, is
+  `retrying` and due, or is `processing` with an expired lease. It installs a fresh random
+  `lease_token`; every later write is conditional on that token (fencing), so a worker that
+  lost its lease can never overwrite a newer attempt.
+- Writes are retried on transient errors (aws.call). A retried write whose first try did land
+  fails its condition; the item then shows *our* token, and we recognise our own write
+  instead of mistaking it for a loss.
+- The `attention` index is sparse: only items that are not archived carry `attn`, so the
+  reconciler and `mailflow list` query instead of scanning.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
+
+from mailflow import aws
+from mailflow.aws import ConditionFailedError
+from mailflow.errors import LeaseLostError
+
+ATTENTION_INDEX = "attention"
+HISTORY_TAIL_CHARS = 512
+
+
+class Status(enum.StrEnum):
+    RECEIVED = "received"
+    PROCESSING = "processing"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    ARCHIVED = "archived"
+
+
+TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.ARCHIVED})
+
+_ser = TypeSerializer()
+_de = TypeDeserializer()
+
+
+def _to_dynamo(value: Any) -> Any:
+    if isinstance(value, float):
+        return Decimal(str(round(value, 3)))
+    if isinstance(value, dict):
+        return {k: _to_dynamo(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_dynamo(v) for v in value]
+    return value
+
+
+def _from_dynamo(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    if isinstance(value, dict):
+        return {k: _from_dynamo(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_dynamo(v) for v in value]
+    return value
+
+
+def serialize(item: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _ser.serialize(_to_dynamo(v)) for k, v in item.items()}
+
+
+def deserialize(item: Mapping[str, Any] | None) -> dict[str, Any]:
+    if not item:
+        return {}
+    return {k: _from_dynamo(_de.deserialize(v)) for k, v in item.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryKey:
+    mail_id: str
+    recipient: str
+
+    def as_key(self) -> dict[str, Any]:
+        return {"mail_id": {"S": self.mail_id}, "recipient": {"S": self.recipient}}
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    record: dict[str, Any]
+    token: str
+
+    @property
+    def attempt(self) -> int:
+        return int(self.record.get("attempts", 1))
+
+
+@dataclass(frozen=True, slots=True)
+class Busy:
+    """The claim lost. `why` says what to do with the SQS message:
+    terminal → duplicate, delete it; leased / not_due → defer it until `until_s`."""
+
+    record: dict[str, Any]
+    why: str
+    until_s: float | None
+
+
+class _Update:
+    """Builds `SET a = :a, ...` expressions with placeholder names for every attribute,
+    because half of the natural names (status, key, from, date) are DynamoDB reserved words."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, str] = {}
+        self.values: dict[str, Any] = {}
+        self.sets: list[str] = []
+        self.removes: list[str] = []
+
+    def name(self, attr: str) -> str:
+        ref = f"#{attr}"
+        self.names[ref] = attr
+        return ref
+
+    def value(self, label: str, value: Any) -> str:
+        ref = f":{label}"
+        self.values[ref] = _ser.serialize(_to_dynamo(value))
+        return ref
+
+    def set(self, attr: str, value: Any) -> None:
+        self.sets.append(f"{self.name(attr)} = {self.value(attr, value)}")
+
+    def set_if_absent(self, attr: str, value: Any) -> None:
+        n = self.name(attr)
+        self.sets.append(f"{n} = if_not_exists({n}, {self.value(attr, value)})")
+
+    def remove(self, attr: str) -> None:
+        self.removes.append(self.name(attr))
+
+    def expression(self) -> str:
+        parts = []
+        if self.sets:
+            parts.append("SET " + ", ".join(self.sets))
+        if self.removes:
+            parts.append("REMOVE " + ", ".join(self.removes))
+        return " ".join(parts)
+
+
+class Ledger:
+    def __init__(
+        self, client: Any, table: str, clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._ddb = client
+        self.table = table
+        self._clock = clock
+
+    async def _update(
+        self, op: str, key: DeliveryKey, upd: _Update, condition: str,
+    ) -> dict[str, Any]:
+        resp = await aws.call(
+            op,
+            self._ddb.update_item,
+            TableName=self.table,
+            Key=key.as_key(),
+            UpdateExpression=upd.expression(),
+            ConditionExpression=condition,
+            ExpressionAttributeNames=upd.names,
+            ExpressionAttributeValues=upd.values,
+            ReturnValues="ALL_NEW",
+            ReturnValuesOnConditionCheckFailure="ALL_OLD",
+        )
+        return deserialize(resp.get("Attributes"))
+
+    # --- the worker's writes ----------------------------------------------------------------
+
+    async def claim(
+        self,
+        key: DeliveryKey,
+        *,
+        worker: str,
+        token: str,
+        lease_s: float,
+        meta: Mapping[str, Any],
+    ) -> Claimed | Busy:
+        now = self._clock()
+        upd = _Update()
+        upd.set("status", Status.PROCESSING.value)
+        upd.set("lease_owner", worker)
+        upd.set("lease_token", token)
+        upd.set("lease_expires_at", now + lease_s)
+        upd.set("started_at", now)
+        upd.set("updated_at", now)
+        upd.set("attn", Status.PROCESSING.value)
+        upd.set("attn_at", now + lease_s)
+        attempts = upd.name("attempts")
+        upd.sets.append(
+            f"{attempts} = if_not_exists({attempts}, {upd.value('zero', 0)}) + {upd.value('one', 1)}",
+        )
+        for attr, value in meta.items():
+            upd.set_if_absent(attr, value)
+        upd.remove("next_attempt_at")
+        st, nxt, exp = upd.name("status"), upd.name("next_attempt_at"), upd.name("lease_expires_at")
+        upd.names[upd.name("mail_id")] = "mail_id"
+        now_ref = upd.value("now", now)
+        condition = (
+            f"attribute_not_exists(#mail_id)"
+            f" OR {st} = {upd.value('received', Status.RECEIVED.value)}"
+            f" OR ({st} = {upd.value('retrying', Status.RETRYING.value)} AND {nxt} <= {now_ref})"
+            f" OR ({st} = {upd.value('processing', Status.PROCESSING.value)}"
+            f" AND {exp} < {now_ref})"
+        )
+        try:
+            record = await self._update("ddb.claim", key, upd, condition)
+        except ConditionFailedError as exc:
+            old = deserialize(exc.item)
+            if old.get("lease_token") == token and old.get("status") == Status.PROCESSING:
+                return Claimed(old, token)  # our own write landed; its response was lost
+            return _busy(old, now)
+        return Claimed(record, token)
+
+    async def renew(self, key: DeliveryKey, token: str, lease_s: float) -> bool:
+        """Extend the lease. False means it is gone: someone else owns the delivery now."""
+        now = self._clock()
+        upd = _Update()
+        upd.set("lease_expires_at", now + lease_s)
+        upd.set("attn_at", now + lease_s)
+        condition = (
+            f"{upd.name('lease_token')} = {upd.value('token', token)}"
+            f" AND {upd.name('status')} = {upd.value('processing', Status.PROCESSING.value)}"
+        )
+        try:
+            await self._update("ddb.renew", key, upd, condition)
+        except ConditionFailedError:
+            return False
+        return True
+
+    async def finish(
+        self,
+        key: DeliveryKey,
+        token: str,
+        status: Status,
+        fields: Mapping[str, Any],
+        history_entry: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """Record an attempt's outcome, fenced by the lease token. Raises LeaseLostError."""
+        now = self._clock()
+        upd = _Update()
+        upd.set("status", status.value)
+        upd.set("updated_at", now)
+        upd.set("attn", status.value)
+        upd.set("attn_at", fields.get("next_attempt_at") or now)
+        for attr, value in fields.items():
+            if value is None:
+                upd.remove(attr)
+            else:
+                upd.set(attr, value)
+        upd.remove("lease_expires_at")
+        upd.remove("lease_owner")
+        history = upd.name("history")
+        upd.sets.append(
+            f"{history} = list_append(if_not_exists({history}, {upd.value('empty', [])}),"
+            f" {upd.value('entry', [dict(history_entry)])})",
+        )
+        condition = (
+            f"{upd.name('lease_token')} = {upd.value('token', token)}"
+            f" AND {upd.name('status')} = {upd.value('processing', Status.PROCESSING.value)}"
+        )
+        try:
+            return await self._update("ddb.finish", key, upd, condition)
+        except ConditionFailedError as exc:
+            old = deserialize(exc.item)
+            if old.get("lease_token") == token and old.get("status") == status.value:
+                return old  # our own write, retried after a lost response
+            raise LeaseLostError(
+                f"{key.mail_id}/{key.recipient}: lease lost"
+                f" (now {old.get('status')} by {old.get('lease_owner')})",
+            ) from None
+
+    async def record_without_claim(
+        self, key: DeliveryKey, status: Status, fields: Mapping[str, Any],
+    ) -> bool:
+        """Write a final state no processor run precedes (unroutable, quarantined).
+
+        Only a delivery nobody has touched yet can be written this way; False = it existed.
+        """
+        now = self._clock()
+        upd = _Update()
+        values = {"created_at": now, "finished_at": now, "attempts": 0, **fields}
+        values |= {"status": status.value, "updated_at": now, "attn": status.value,
+                   "attn_at": now}
+        for attr, value in values.items():
+            upd.set(attr, value)
+        upd.names["#mail_id"] = "mail_id"
+        condition = (
+            f"attribute_not_exists(#mail_id) OR {upd.name('status')}"
+            f" = {upd.value('received', Status.RECEIVED.value)}"
+        )
+        try:
+            await self._update("ddb.record", key, upd, condition)
+        except ConditionFailedError:
+            return False
+        return True
+
+    # --- the operator's and the reconciler's writes -----------------------------------------
+
+    async def transition(
+        self,
+        key: DeliveryKey,
+        *,
+        expect: tuple[Status, ...],
+        status: Status,
+        fields: Mapping[str, Any],
+        attention: bool = True,
+    ) -> dict[str, Any] | None:
+        """Move a delivery from one of `expect` to `status`; None if it was not in `expect`."""
+        now = self._clock()
+        upd = _Update()
+        upd.set("status", status.value)
+        upd.set("updated_at", now)
+        if attention:
+            upd.set("attn", status.value)
+            upd.set("attn_at", fields.get("next_attempt_at") or now)
+        else:
+            upd.remove("attn")
+            upd.remove("attn_at")
+        for attr, value in fields.items():
+            if value is None:
+                upd.remove(attr)
+            else:
+                upd.set(attr, value)
+        st = upd.name("status")
+        condition = " OR ".join(
+            f"{st} = {upd.value(f'expect{i}', s.value)}" for i, s in enumerate(expect)
+        )
+        try:
+            return await self._update("ddb.transition", key, upd, f"({condition})")
+        except ConditionFailedError:
+            return None
+
+    # --- reads ------------------------------------------------------------------------------
+
+    async def get_mail(self, mail_id: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        kwargs: dict[str, Any] = {
+            "TableName": self.table,
+            "KeyConditionExpression": "mail_id = :m",
+            "ExpressionAttributeValues": {":m": {"S": mail_id}},
+            "ConsistentRead": True,
+        }
+        while True:
+            resp = await aws.call("ddb.Query", self._ddb.query, **kwargs)
+            items.extend(deserialize(i) for i in resp.get("Items", []))
+            if "LastEvaluatedKey" not in resp:
+                return items
+            kwargs["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
+
+    async def get(self, key: DeliveryKey) -> dict[str, Any]:
+        resp = await aws.call(
+            "ddb.GetItem",
+            self._ddb.get_item,
+            TableName=self.table,
+            Key=key.as_key(),
+            ConsistentRead=True,
+        )
+        return deserialize(resp.get("Item"))
+
+    async def needing_attention(
+        self, status: Status, *, before_s: float | None = None, limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        """Items in `status` (not archived) from the sparse index, oldest first."""
+        names = {"#attn": "attn", "#at": "attn_at"}
+        values: dict[str, Any] = {":s": {"S": status.value}}
+        cond = "#attn = :s"
+        if before_s is not None:
+            cond += " AND #at <= :t"
+            values[":t"] = _ser.serialize(_to_dynamo(before_s))
+        items: list[dict[str, Any]] = []
+        kwargs: dict[str, Any] = {
+            "TableName": self.table,
+            "IndexName": ATTENTION_INDEX,
+            "KeyConditionExpression": cond,
+            "ExpressionAttributeNames": names,
+            "ExpressionAttributeValues": values,
+        }
+        while len(items) < limit:
+            kwargs["Limit"] = min(1000, limit - len(items))
+            resp = await aws.call("ddb.Query", self._ddb.query, **kwargs)
+            items.extend(deserialize(i) for i in resp.get("Items", []))
+            if "LastEvaluatedKey" not in resp:
+                break
+            kwargs["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
+        return items[:limit]
+
+    async def scan(self, limit: int = 1000) -> list[dict[str, Any]]:
+        """Every item, for archived listings and small tables only."""
+        items: list[dict[str, Any]] = []
+        kwargs: dict[str, Any] = {"TableName": self.table}
+        while len(items) < limit:
+            resp = await aws.call("ddb.Scan", self._ddb.scan, **kwargs)
+            items.extend(deserialize(i) for i in resp.get("Items", []))
+            if "LastEvaluatedKey" not in resp:
+                break
+            kwargs["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
+        return items[:limit]
+
+
+def _busy(old: dict[str, Any], now: float) -> Busy:
+    status = old.get("status")
+    if status in TERMINAL:
+        return Busy(old, "terminal", None)
+    if status == Status.RETRYING:
+        return Busy(old, "not_due", float(old.get("next_attempt_at", now)))
+    if status == Status.PROCESSING:
+        return Busy(old, "leased", float(old.get("lease_expires_at", now)))
+    # `received` cannot lose a claim; an item of unknown shape is someone else's business.
+    return Busy(old, "unknown", now + 30)
+
+
+def history_entry(
+    *,
+    attempt: int,
+    worker: str,
+    started_at: float,
+    finished_at: float,
+    status: Status,
+    reason: str,
+    exit_code: int | None,
+    stderr_tail: str,
+) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "attempt": attempt,
+        "worker": worker,
+        "started_at": started_at,
+        "finished_at": finished_at,
+        "status": status.value,
+        "reason": reason,
+        "stderr_tail": stderr_tail[-HISTORY_TAIL_CHARS:],
+    }
+    if exit_code is not None:
+        entry["exit_code"] = exit_code
+    return entry

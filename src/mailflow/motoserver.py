@@ -1,0 +1,105 @@
+"""An embedded moto server: the zero-Docker AWS backend for `mailflow dev` and the tests.
+
+moto's server handles requests on many threads, and its DynamoDB does not make a
+conditional UpdateItem atomic against a concurrent one on the same item (seen: two of three
+racing claims on a new item both succeeding). Real DynamoDB never allows that, so this
+wrapper serializes DynamoDB requests: the backend behaves like the real one, and mailflow's
+claim protocol is never weakened to suit a mock.
+
+Run standalone: `python -m mailflow.motoserver [--port N]` prints `MOTO_URL=http://…` when ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from werkzeug.serving import BaseWSGIServer, make_server
+
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+def _serialize_dynamodb(app: WsgiApp) -> WsgiApp:
+    lock = threading.Lock()
+
+    def wrapped(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        target = environ.get("HTTP_X_AMZ_TARGET", "")
+        if not target.startswith("DynamoDB"):
+            return app(environ, start_response)
+        with lock:
+            # Materialise the body under the lock: the work happens while it is produced.
+            return list(app(environ, start_response))
+
+    return wrapped
+
+
+class MotoServer:
+    """A moto server on 127.0.0.1 in a background thread. `url` once started."""
+
+    def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
+        self._host = host
+        self._port = port
+        self._server: BaseWSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None, "start() first"
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> MotoServer:
+        from moto.moto_server.werkzeug_app import (  # noqa: PLC0415 - moto is a dev extra
+            DomainDispatcherApplication,
+            create_backend_app,
+        )
+        from moto.server import MotoRequestHandler  # noqa: PLC0415
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+        app = _serialize_dynamodb(DomainDispatcherApplication(create_backend_app))
+        self._server = make_server(
+            self._host, self._port, app, threaded=True, request_handler=MotoRequestHandler,
+        )
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="moto", daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> MotoServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run an embedded moto server on loopback.")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--host", default="127.0.0.1")
+    args = parser.parse_args(argv)
+    server = MotoServer(args.port, args.host).start()
+    sys.stdout.write(f"MOTO_URL={server.url}\n")
+    sys.stdout.flush()
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

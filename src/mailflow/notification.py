@@ -1,0 +1,154 @@
+"""SQS message body → `MailRef`. Pure.
+
+Accepted shapes (all carry an SES `Received` notification with an S3 action):
+- an SNS envelope (`{"Type": "Notification", "Message": "<json>"}`): the default subscription;
+- the notification itself: SNS raw message delivery, and the reconciler's synthetic re-sends,
+  which add a `"mailflow"` member saying why they exist.
+
+Everything else raises `BadNotificationError` with a short machine reason; the worker moves
+such a message to the DLQ with that reason and deletes it from the main queue.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from mailflow.errors import BadNotificationError
+
+#: Bodies above this are not SES notifications (SES truncates headers at 10 KB): refuse early.
+MAX_BODY_CHARS = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class MailRef:
+    mail_id: str
+    bucket: str
+    key: str
+    recipients: tuple[str, ...]
+    sender: str
+    received_at_s: float | None
+    verdicts: dict[str, str] = field(default_factory=dict)
+    subject: str = ""
+    synthetic: str | None = None
+
+
+def _obj(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BadNotificationError("missing_field", f"{where} is not an object")
+    return value
+
+
+def _str(container: dict[str, Any], name: str, where: str) -> str:
+    value = container.get(name)
+    if not isinstance(value, str) or not value:
+        raise BadNotificationError("missing_field", f"{where}.{name} missing or not a string")
+    return value
+
+
+def _timestamp_s(value: Any) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def parse_body(body: str) -> MailRef:
+    if len(body) > MAX_BODY_CHARS:
+        raise BadNotificationError("too_large", f"body of {len(body)} chars")
+    try:
+        doc = json.loads(body)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise BadNotificationError("not_json", str(exc)[:200]) from None
+    if not isinstance(doc, dict):
+        raise BadNotificationError("not_json_object", type(doc).__name__)
+    if "Type" in doc and "Message" in doc:  # SNS envelope
+        if doc["Type"] != "Notification":
+            raise BadNotificationError("sns_type", str(doc["Type"])[:64])
+        message = doc["Message"]
+        if not isinstance(message, str):
+            raise BadNotificationError("sns_message", "Message is not a string")
+        try:
+            doc = json.loads(message)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise BadNotificationError("sns_message_not_json", str(exc)[:200]) from None
+        if not isinstance(doc, dict):
+            raise BadNotificationError("sns_message_not_json", "not an object")
+    return parse_ses_notification(doc)
+
+
+def parse_ses_notification(doc: dict[str, Any]) -> MailRef:
+    kind = doc.get("notificationType") or doc.get("eventType")
+    if kind != "Received":
+        raise BadNotificationError("not_ses_received", f"notificationType={str(kind)[:64]}")
+    mail = _obj(doc.get("mail"), "mail")
+    receipt = _obj(doc.get("receipt"), "receipt")
+    action = _obj(receipt.get("action"), "receipt.action")
+    if action.get("type") != "S3":
+        raise BadNotificationError("not_s3_action", f"action.type={str(action.get('type'))[:32]}")
+    recipients = receipt.get("recipients")
+    if (
+        not isinstance(recipients, list)
+        or not recipients
+        or not all(isinstance(r, str) and r for r in recipients)
+    ):
+        raise BadNotificationError("missing_field", "receipt.recipients is not a list of strings")
+    verdicts = {}
+    for name in ("spamVerdict", "virusVerdict", "spfVerdict", "dkimVerdict", "dmarcVerdict"):
+        verdict = receipt.get(name)
+        if isinstance(verdict, dict) and isinstance(verdict.get("status"), str):
+            verdicts[name.removesuffix("Verdict")] = verdict["status"]
+    headers = mail.get("commonHeaders")
+    subject = headers.get("subject") if isinstance(headers, dict) else None
+    marker = doc.get("mailflow")
+    return MailRef(
+        mail_id=_str(mail, "messageId", "mail"),
+        bucket=_str(action, "bucketName", "receipt.action"),
+        key=_str(action, "objectKey", "receipt.action"),
+        # Order kept, duplicates dropped: one delivery per distinct recipient.
+        recipients=tuple(dict.fromkeys(r.strip().lower() for r in recipients)),
+        sender=str(mail.get("source") or ""),
+        received_at_s=_timestamp_s(receipt.get("timestamp") or mail.get("timestamp")),
+        verdicts=verdicts,
+        subject=subject if isinstance(subject, str) else "",
+        synthetic=str(marker.get("reason", "synthetic")) if isinstance(marker, dict) else None,
+    )
+
+
+def check_trusted(ref: MailRef, allowed_buckets: tuple[str, ...], incoming_prefix: str) -> None:
+    """A notification names an object; only objects we own, under the incoming prefix, count."""
+    if ref.bucket not in allowed_buckets:
+        raise BadNotificationError("bucket_not_allowed", ref.bucket[:128])
+    if not ref.key.startswith(incoming_prefix) or ".." in ref.key.split("/"):
+        raise BadNotificationError("key_not_allowed", ref.key[:256])
+    if ref.key.startswith("/") or "\x00" in ref.key:
+        raise BadNotificationError("key_not_allowed", ref.key[:256])
+    if "/" in ref.mail_id or len(ref.mail_id) > 128:
+        raise BadNotificationError("bad_mail_id", ref.mail_id[:128])
+
+
+def synthetic_notification(
+    *,
+    mail_id: str,
+    bucket: str,
+    key: str,
+    recipients: list[str],
+    sender: str,
+    received_at: str,
+    reason: str,
+) -> dict[str, Any]:
+    """What the reconciler sends to re-enqueue work: SES-shaped, marked as ours."""
+    return {
+        "notificationType": "Received",
+        "mailflow": {"reason": reason},
+        "mail": {"messageId": mail_id, "source": sender, "timestamp": received_at},
+        "receipt": {
+            "timestamp": received_at,
+            "recipients": recipients,
+            "action": {"type": "S3", "bucketName": bucket, "objectKey": key},
+        },
+    }

@@ -1,0 +1,164 @@
+"""`mailflow provision`: create the bucket, topic, queue + DLQ, subscription and table.
+
+Idempotent: every step checks or tolerates "already exists", so running it twice (or from
+two containers at once in `docker compose up`) is fine. In production these resources
+usually come from infrastructure code; this keeps dev, tests and LocalStack one command away.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import structlog
+
+from mailflow import aws
+from mailflow.aws import AwsClients, AwsPermanentError
+from mailflow.config import Settings
+from mailflow.ledger import ATTENTION_INDEX
+
+log = structlog.get_logger("mailflow.provision")
+
+DLQ_RETENTION_S = 14 * 24 * 3600
+
+
+async def provision(clients: AwsClients, settings: Settings) -> dict[str, str]:
+    out: dict[str, str] = {}
+    out["bucket"] = await _bucket(clients, settings.bucket)
+    if settings.archive_bucket:
+        await _bucket(clients, settings.archive_bucket)
+    topic = await aws.call("sns.CreateTopic", clients.sns.create_topic, Name=settings.topic)
+    out["topic_arn"] = topic["TopicArn"]
+    dlq_url, dlq_arn = await _queue(clients, settings.dlq, {
+        "MessageRetentionPeriod": str(DLQ_RETENTION_S),
+    })
+    queue_url, queue_arn = await _queue(clients, settings.queue, {
+        "VisibilityTimeout": str(settings.visibility_timeout_s),
+        "ReceiveMessageWaitTimeSeconds": str(settings.wait_time_s),
+        "MessageRetentionPeriod": str(DLQ_RETENTION_S),
+        "RedrivePolicy": json.dumps(
+            {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": settings.max_receive_count},
+        ),
+    })
+    await aws.call(
+        "sqs.SetQueueAttributes",
+        clients.sqs.set_queue_attributes,
+        QueueUrl=queue_url,
+        Attributes={"Policy": json.dumps(_queue_policy(queue_arn, out["topic_arn"]))},
+    )
+    await _subscribe(clients, out["topic_arn"], queue_arn)
+    out["queue_url"], out["dlq_url"] = queue_url, dlq_url
+    out["table"] = await _table(clients, settings.table)
+    log.info("provisioned", **out)
+    return out
+
+
+async def _bucket(clients: AwsClients, name: str) -> str:
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
+    kwargs: dict[str, Any] = {"Bucket": name}
+    if region != "us-east-1":
+        kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
+    try:
+        await aws.call("s3.CreateBucket", clients.s3.create_bucket, **kwargs)
+    except AwsPermanentError as exc:
+        if exc.code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+            raise
+    return name
+
+
+async def _queue(clients: AwsClients, name: str, attrs: dict[str, str]) -> tuple[str, str]:
+    try:
+        resp = await aws.call(
+            "sqs.CreateQueue", clients.sqs.create_queue, QueueName=name, Attributes=attrs,
+        )
+        url = resp["QueueUrl"]
+    except AwsPermanentError as exc:
+        if "QueueAlreadyExists" not in exc.code and "QueueNameExists" not in exc.code:
+            raise
+        # Same name, other attributes: keep the queue, converge its attributes.
+        url = (await aws.call("sqs.GetQueueUrl", clients.sqs.get_queue_url, QueueName=name))[
+            "QueueUrl"
+        ]
+        await aws.call(
+            "sqs.SetQueueAttributes", clients.sqs.set_queue_attributes, QueueUrl=url,
+            Attributes=attrs,
+        )
+    got = await aws.call(
+        "sqs.GetQueueAttributes", clients.sqs.get_queue_attributes, QueueUrl=url,
+        AttributeNames=["QueueArn"],
+    )
+    return str(url), str(got["Attributes"]["QueueArn"])
+
+
+def _queue_policy(queue_arn: str, topic_arn: str) -> dict[str, Any]:
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "topic-to-queue",
+                "Effect": "Allow",
+                "Principal": {"Service": "sns.amazonaws.com"},
+                "Action": "sqs:SendMessage",
+                "Resource": queue_arn,
+                "Condition": {"ArnEquals": {"aws:SourceArn": topic_arn}},
+            },
+        ],
+    }
+
+
+async def _subscribe(clients: AwsClients, topic_arn: str, queue_arn: str) -> None:
+    subs = await aws.call(
+        "sns.ListSubscriptionsByTopic", clients.sns.list_subscriptions_by_topic,
+        TopicArn=topic_arn,
+    )
+    if any(s.get("Endpoint") == queue_arn for s in subs.get("Subscriptions", [])):
+        return
+    await aws.call(
+        "sns.Subscribe", clients.sns.subscribe, TopicArn=topic_arn, Protocol="sqs",
+        Endpoint=queue_arn,
+    )
+
+
+async def _table(clients: AwsClients, name: str) -> str:
+    try:
+        await aws.call(
+            "ddb.CreateTable",
+            clients.dynamodb.create_table,
+            TableName=name,
+            BillingMode="PAY_PER_REQUEST",
+            AttributeDefinitions=[
+                {"AttributeName": "mail_id", "AttributeType": "S"},
+                {"AttributeName": "recipient", "AttributeType": "S"},
+                {"AttributeName": "attn", "AttributeType": "S"},
+                {"AttributeName": "attn_at", "AttributeType": "N"},
+            ],
+            KeySchema=[
+                {"AttributeName": "mail_id", "KeyType": "HASH"},
+                {"AttributeName": "recipient", "KeyType": "RANGE"},
+            ],
+            GlobalSecondaryIndexes=[
+                {
+                    "IndexName": ATTENTION_INDEX,
+                    "KeySchema": [
+                        {"AttributeName": "attn", "KeyType": "HASH"},
+                        {"AttributeName": "attn_at", "KeyType": "RANGE"},
+                    ],
+                    "Projection": {"ProjectionType": "ALL"},
+                },
+            ],
+        )
+    except AwsPermanentError as exc:
+        if exc.code != "ResourceInUseException":
+            raise
+        return name
+    waiter = clients.dynamodb.get_waiter("table_exists")
+    await waiter.wait(TableName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+    try:
+        await aws.call(
+            "ddb.UpdateTimeToLive", clients.dynamodb.update_time_to_live, TableName=name,
+            TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires_at"},
+        )
+    except AwsPermanentError as exc:  # already enabled, or a backend without TTL
+        log.info("ttl_not_set", error=str(exc))
+    return name

@@ -1,0 +1,149 @@
+"""SES receiving, emulated: store the raw mail in S3 and publish the notification SES would.
+
+LocalStack and moto do not implement SES *receiving*, so `mailflow send` and `mailflow smtp`
+use this to put mail into the pipeline exactly as production SES does: the object under the
+incoming prefix with SES's own headers prepended (Return-Path, Received, verdicts), then a
+`Received` notification with an S3 action published to the SNS topic.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import secrets
+import string
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from mailflow import aws
+from mailflow.aws import AwsClients
+from mailflow.config import Settings
+from mailflow.mail import split_head, summarize
+
+_ID_ALPHABET = string.ascii_lowercase + string.digits
+SES_HOST = "inbound-smtp.mailflow.invalid"
+
+
+def new_message_id() -> str:
+    """SES-style id: 20-ish lowercase alphanumerics, unique enough to be an S3 key."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(32))
+
+
+def ses_headers(
+    mail_id: str, sender: str, recipients: Sequence[str], now: datetime, verdict: str = "PASS",
+) -> bytes:
+    """The header lines SES prepends to the object it stores."""
+    stamp = email.utils.format_datetime(now)
+    rcpt = f"\r\n for {recipients[0]}" if len(recipients) == 1 else ""
+    lines = [
+        f"Return-Path: <{sender}>",
+        f"Received: from mailflow-emulator by {SES_HOST} with SMTP id {mail_id}{rcpt};\r\n {stamp}",
+        f"X-SES-Spam-Verdict: {verdict}",
+        f"X-SES-Virus-Verdict: {verdict}",
+    ]
+    return ("\r\n".join(lines) + "\r\n").encode("ascii", "replace")
+
+
+def _common_headers(raw: bytes) -> dict[str, Any]:
+    summary = summarize(split_head(raw))
+    return {
+        "from": [summary.from_] if summary.from_ else [],
+        "to": [summary.to] if summary.to else [],
+        "subject": summary.subject,
+        "date": summary.date,
+        "messageId": summary.message_id_header,
+    }
+
+
+def received_notification(
+    *,
+    mail_id: str,
+    bucket: str,
+    key: str,
+    prefix: str,
+    topic_arn: str,
+    sender: str,
+    recipients: Sequence[str],
+    common_headers: dict[str, Any],
+    now: datetime,
+    verdict: str = "PASS",
+) -> dict[str, Any]:
+    """An SES `Received` notification with an S3 action, as SES publishes it."""
+    stamp = now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    verdicts = {
+        name: {"status": verdict}
+        for name in ("spamVerdict", "virusVerdict", "spfVerdict", "dkimVerdict", "dmarcVerdict")
+    }
+    return {
+        "notificationType": "Received",
+        "mail": {
+            "timestamp": stamp,
+            "source": sender,
+            "messageId": mail_id,
+            "destination": list(recipients),
+            "headersTruncated": False,
+            "commonHeaders": {"returnPath": sender, **common_headers},
+        },
+        "receipt": {
+            "timestamp": stamp,
+            "processingTimeMillis": 1,
+            "recipients": list(recipients),
+            **verdicts,
+            "action": {
+                "type": "S3",
+                "topicArn": topic_arn,
+                "bucketName": bucket,
+                "objectKeyPrefix": prefix,
+                "objectKey": key,
+            },
+        },
+    }
+
+
+async def topic_arn(clients: AwsClients, settings: Settings) -> str:
+    if settings.topic.startswith("arn:"):
+        return settings.topic
+    # CreateTopic is idempotent and returns the ARN: the cheapest lookup by name.
+    resp = await aws.call("sns.CreateTopic", clients.sns.create_topic, Name=settings.topic)
+    return str(resp["TopicArn"])
+
+
+async def receive_mail(
+    clients: AwsClients,
+    settings: Settings,
+    raw: bytes,
+    recipients: Sequence[str],
+    sender: str,
+    *,
+    verdict: str = "PASS",
+    arn: str | None = None,
+) -> str:
+    """Do what SES receiving does for one mail; return its mail id (SES messageId)."""
+    mail_id = new_message_id()
+    now = datetime.now(UTC)
+    key = f"{settings.incoming_prefix}{mail_id}"
+    stored = ses_headers(mail_id, sender, recipients, now, verdict) + raw
+    await aws.call(
+        "s3.PutObject", clients.s3.put_object, Bucket=settings.bucket, Key=key, Body=stored,
+    )
+    notification = received_notification(
+        mail_id=mail_id,
+        bucket=settings.bucket,
+        key=key,
+        prefix=settings.incoming_prefix,
+        topic_arn=arn or await topic_arn(clients, settings),
+        sender=sender,
+        recipients=recipients,
+        common_headers=_common_headers(raw),
+        now=now,
+        verdict=verdict,
+    )
+    await aws.call(
+        "sns.Publish",
+        clients.sns.publish,
+        TopicArn=notification["receipt"]["action"]["topicArn"],
+        Subject="Amazon SES Email Receipt Notification",
+        Message=json.dumps(notification, ensure_ascii=False),
+    )
+    return mail_id

@@ -1,0 +1,107 @@
+"""Deliveries as operators read them: JSON objects for scripts, rich tables for people."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+#: Always present in `--json` output, in this order (null when unknown).
+DELIVERY_FIELDS = (
+    "mail_id", "recipient", "status", "outcome", "attempts", "exit_code", "signal", "reason",
+    "detail", "route", "argv", "subject", "from", "to", "date", "message_id_header",
+    "size_bytes", "bucket", "key", "archived_key", "sender", "received_at", "created_at",
+    "started_at", "finished_at", "updated_at", "next_attempt_at", "lease_owner",
+    "lease_expires_at", "duration_ms", "stdout_tail", "stderr_tail", "verdicts",
+    "parse_defects", "history",
+)
+TIME_FIELDS = frozenset(f for f in DELIVERY_FIELDS if f.endswith("_at"))
+
+#: The operators' words (DESIGN §3).
+STATUS_JA = {
+    "received": "未処理", "processing": "未処理", "succeeded": "成功", "failed": "失敗",
+    "retrying": "リトライ", "archived": "保管",
+}
+
+
+def iso(ts: Any) -> str | None:
+    if not isinstance(ts, (int, float)):
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z",
+    )
+
+
+def delivery_json(record: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in DELIVERY_FIELDS:
+        value = record.get(name)
+        if name in TIME_FIELDS:
+            value = iso(value)
+        elif name == "history" and isinstance(value, list):
+            value = [
+                {k: (iso(v) if k.endswith("_at") else v) for k, v in entry.items()}
+                for entry in value
+                if isinstance(entry, dict)
+            ]
+        out[name] = value
+    return out
+
+
+def print_json(doc: Any) -> None:
+    sys.stdout.write(json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
+
+
+def deliveries_table(records: Iterable[Mapping[str, Any]], title: str = "") -> Table:
+    table = Table(title=title or None, show_lines=False)
+    for col in ("mail_id", "recipient", "status", "att", "exit", "reason", "route",
+                "subject", "updated"):
+        table.add_column(col, overflow="fold")
+    for r in records:
+        status = str(r.get("status", ""))
+        outcome = r.get("outcome")
+        shown = f"{status}/{outcome}" if status == "archived" and outcome else status
+        table.add_row(
+            str(r.get("mail_id", "")),
+            str(r.get("recipient", "")),
+            f"{shown} {STATUS_JA.get(status, '')}",
+            str(r.get("attempts", "")),
+            "" if r.get("exit_code") is None else str(r.get("exit_code")),
+            str(r.get("reason", "") or ""),
+            str(r.get("route", "") or ""),
+            str(r.get("subject", "") or "")[:60],
+            iso(r.get("updated_at")) or "",
+        )
+    return table
+
+
+def print_table(table: Table) -> None:
+    Console(soft_wrap=False).print(table)
+
+
+def print_record(record: Mapping[str, Any], keys: Sequence[str] = DELIVERY_FIELDS) -> None:
+    doc = delivery_json(record)
+    console = Console()
+    for key in keys:
+        value = doc.get(key)
+        if value in (None, "", [], {}):
+            continue
+        if key == "history":
+            console.print("[bold]history[/bold]:")
+            for entry in value:
+                console.print(
+                    f"  #{entry.get('attempt')} {entry.get('status')} {entry.get('reason')}"
+                    f" exit={entry.get('exit_code')} by {entry.get('worker')}"
+                    f" at {entry.get('finished_at')}",
+                    markup=False,
+                )
+                if entry.get("stderr_tail"):
+                    console.print("    stderr: " + str(entry["stderr_tail"])[-300:], markup=False)
+            continue
+        console.print(f"[bold]{key}[/bold]: ", end="")
+        console.print(str(value), markup=False)

@@ -1,0 +1,391 @@
+"""The long-running worker: receive, bounded concurrency, heartbeat, graceful shutdown.
+
+Shape (as arq/saq): one stop event; a receiver that only asks SQS for as many messages as it
+has room for; one task per message; one heartbeat task that keeps SQS visibility and DynamoDB
+leases alive for everything held; a ticker that writes the health file.
+
+Shutdown (ECS sends SIGTERM, then SIGKILL after stopTimeout): stop receiving; give messages
+that were prefetched but not started back to SQS at once (visibility 0); let running
+deliveries finish within `shutdown_grace_s` while the heartbeat keeps their leases; then
+cancel what is left (processors are killed, deliveries handed back as `retrying`) and exit
+with EXIT_DRAIN_TIMEOUT. A second signal skips the rest of the grace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from mailflow.aws import AwsClients
+from mailflow.config import Settings
+from mailflow.delivery import DONE, Deliverer, Fate
+from mailflow.errors import BadNotificationError, MailflowError, TransientError
+from mailflow.exitcodes import EXIT_DRAIN_TIMEOUT, EXIT_OK
+from mailflow.fairness import KeyGate
+from mailflow.ledger import DeliveryKey, Ledger
+from mailflow.notification import MailRef, check_trusted, parse_body
+from mailflow.processor import ExecProcessor, Processor
+from mailflow.queue import Message, Queue
+from mailflow.routing import Unroutable
+from mailflow.store import make_spool_dir
+
+log = structlog.get_logger("mailflow.worker")
+
+#: After a backend failure, how soon the message may be tried again (SQS redelivers it).
+TRANSIENT_PAUSE_S = 15.0
+
+
+def make_processor(settings: Settings) -> Processor:
+    if settings.processor_transport == "fastcgi":
+        from mailflow.fastcgi_transport import FastCGIProcessor  # noqa: PLC0415 - optional path
+
+        return FastCGIProcessor(
+            settings.fastcgi_address,
+            settings.runner_script,
+            connect_timeout_s=settings.fastcgi_connect_timeout_s,
+        )
+    return ExecProcessor()
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+
+
+@dataclass(slots=True)
+class Held:
+    """A message this worker holds: its visibility is ours to keep alive or give back."""
+
+    message: Message
+    started: bool = False
+    leases: dict[DeliveryKey, str] = field(default_factory=dict)
+    tasks: dict[DeliveryKey, asyncio.Task[Any]] = field(default_factory=dict)
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        clients: AwsClients,
+        processor: Processor | None = None,
+        *,
+        worker_id: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.s = settings
+        self.clients = clients
+        self.processor = processor or make_processor(settings)
+        self.worker_id = worker_id or new_worker_id()
+        self._clock = clock
+        self.stop = asyncio.Event()
+        self.hurry = asyncio.Event()
+        self.ledger = Ledger(clients.dynamodb, settings.table, clock=clock)
+        self.queue: Queue | None = None
+        self._held: dict[str, Held] = {}  # by receipt handle
+        self._room = asyncio.Condition()
+        self._run_slots = asyncio.Semaphore(settings.concurrency)
+        self._gate = KeyGate()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._last_poll_s = clock()
+        self.stats: dict[str, int] = {"received": 0, "deleted": 0, "dead_lettered": 0}
+
+    # --- signals ----------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """First call: drain. Second call: hurry (skip the rest of the grace)."""
+        if self.stop.is_set():
+            log.warning("shutdown_hurried")
+            self.hurry.set()
+        else:
+            log.info("shutdown_requested", held=len(self._held))
+            self.stop.set()
+
+    # --- main -------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        self.queue = await Queue.resolve(self.clients.sqs, self.s.queue, self.s.dlq)
+        spool_dir = make_spool_dir(self.s.spool_dir)
+        self.deliverer = Deliverer(
+            self.s,
+            self.ledger,
+            self.clients.s3,
+            self.processor,
+            worker_id=self.worker_id,
+            spool_dir=spool_dir,
+            register_lease=self._register_lease,
+            unregister_lease=self._unregister_lease,
+            shutting_down=self.stop.is_set,
+            clock=self._clock,
+        )
+        log.info(
+            "worker_started",
+            worker=self.worker_id,
+            queue=self.queue.url,
+            concurrency=self.s.concurrency,
+            transport=self.s.processor_transport,
+            routes=[r.name for r in self.s.routes],
+        )
+        receiver = asyncio.create_task(self._receive_loop(), name="receiver")
+        heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
+        ticker = asyncio.create_task(self._health_loop(), name="health")
+        try:
+            await self.stop.wait()
+            receiver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await receiver
+            code = await self._drain()
+        finally:
+            for task in (receiver, heartbeat, ticker):
+                task.cancel()
+            await asyncio.gather(receiver, heartbeat, ticker, return_exceptions=True)
+            await self.processor.close()
+            with contextlib.suppress(OSError):
+                spool_dir.rmdir()
+        log.info("worker_stopped", exit_code=code, **self.stats)
+        return code
+
+    async def _drain(self) -> int:
+        started = self._clock()
+        async with self._room:
+            self._room.notify_all()  # wake handlers waiting for a slot: they hand back
+        pending = {t for t in self._tasks if not t.done()}
+        log.info("draining", running=len(pending), grace_s=self.s.shutdown_grace_s)
+        if pending:
+            hurry = asyncio.create_task(self.hurry.wait())
+            await asyncio.wait(
+                [*pending, hurry], timeout=self.s.shutdown_grace_s,
+                return_when=asyncio.FIRST_EXCEPTION,
+            )
+            while not hurry.done() and any(not t.done() for t in pending):
+                remaining = self.s.shutdown_grace_s - (self._clock() - started)
+                if remaining <= 0:
+                    break
+                await asyncio.wait([*pending, hurry], timeout=remaining,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            hurry.cancel()
+        left = [t for t in self._tasks if not t.done()]
+        drain_s = round(self._clock() - started, 3)
+        if not left:
+            log.info("drained", drain_s=drain_s)
+            return EXIT_OK
+        log.warning("grace_exceeded", cancelling=len(left), drain_s=drain_s)
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
+        return EXIT_DRAIN_TIMEOUT
+
+    # --- receiving --------------------------------------------------------------------------
+
+    def _capacity(self) -> int:
+        return self.s.concurrency + self.s.prefetch_limit - len(self._held)
+
+    async def _receive_loop(self) -> None:
+        assert self.queue is not None
+        while not self.stop.is_set():
+            async with self._room:
+                await self._room.wait_for(lambda: self._capacity() > 0 or self.stop.is_set())
+            if self.stop.is_set():
+                return
+            try:
+                messages = await self.queue.receive(
+                    self._capacity(), self.s.wait_time_s, self.s.visibility_timeout_s,
+                )
+            except MailflowError as exc:
+                log.warning("receive_failed", error=str(exc))
+                await asyncio.sleep(1.0)
+                continue
+            self._last_poll_s = self._clock()
+            for msg in messages:
+                self.stats["received"] += 1
+                self._held[msg.receipt_handle] = Held(msg)
+                task = asyncio.create_task(self._handle(msg), name=f"msg-{msg.message_id}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _release_room(self, msg: Message) -> None:
+        self._held.pop(msg.receipt_handle, None)
+        async with self._room:
+            self._room.notify_all()
+
+    # --- one message ------------------------------------------------------------------------
+
+    async def _handle(self, msg: Message) -> None:
+        assert self.queue is not None
+        try:
+            try:
+                ref = parse_body(msg.body)
+                check_trusted(ref, self.s.allowed_buckets, self.s.incoming_prefix)
+            except BadNotificationError as exc:
+                log.warning("dead_letter", message_id=msg.message_id, reason=exc.reason,
+                            detail=exc.detail)
+                await self.queue.dead_letter(msg, exc.reason, exc.detail)
+                self.stats["dead_lettered"] += 1
+                return
+            fates = [await self._one_recipient(msg, ref, r) for r in ref.recipients]
+            await self._settle(msg, fates)
+        except asyncio.CancelledError:
+            if self.stop.is_set():
+                # Forced shutdown: hand the message straight back to SQS for another worker.
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(self.queue.set_visibility(msg, 0))
+            raise
+        except TransientError as exc:
+            log.warning("message_transient_failure", message_id=msg.message_id, error=str(exc))
+            with contextlib.suppress(Exception):
+                await self.queue.set_visibility(msg, TRANSIENT_PAUSE_S)
+        except Exception:
+            # Never crash the worker for one message. It stays in SQS; its receive count grows
+            # with each try, and the redrive policy moves it to the DLQ in the end.
+            log.exception("message_failed", message_id=msg.message_id)
+        finally:
+            await self._release_room(msg)
+
+    async def _one_recipient(self, msg: Message, ref: MailRef, recipient: str) -> Fate:
+        held = self._held[msg.receipt_handle]
+        plan = self.deliverer.plan(ref, recipient)
+        if isinstance(plan, Unroutable):
+            return await self.deliverer.record_final(ref, recipient, plan.reason, plan.detail,
+                                                     None)
+        quarantine = self.deliverer.quarantine_reason(ref)
+        if quarantine is not None:
+            return await self.deliverer.record_final(ref, recipient, "quarantined", quarantine,
+                                                     plan.route)
+        async with self._gate.slot(plan.route, plan.key, plan.max_in_flight_per_key):
+            if not await self._acquire_run_slot():
+                return Fate(defer_until_s=self._clock())  # shutting down before we started
+            try:
+                held.started = True
+                key = DeliveryKey(ref.mail_id, recipient)
+                task = asyncio.create_task(self.deliverer.deliver(ref, plan, recipient))
+                held.tasks[key] = task
+                try:
+                    return await task
+                finally:
+                    held.tasks.pop(key, None)
+            finally:
+                self._run_slots.release()
+
+    async def _acquire_run_slot(self) -> bool:
+        """Wait for a run slot; False if shutdown started first (the message goes back)."""
+        if self.stop.is_set():
+            return False
+        acquire = asyncio.create_task(self._run_slots.acquire())
+        stop = asyncio.create_task(self.stop.wait())
+        try:
+            await asyncio.wait([acquire, stop], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if acquire.done() and not acquire.cancelled():
+            if self.stop.is_set():
+                self._run_slots.release()
+                return False
+            return True
+        acquire.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await acquire
+        if acquire.done() and not acquire.cancelled():
+            self._run_slots.release()
+        return False
+
+    async def _settle(self, msg: Message, fates: list[Fate]) -> None:
+        assert self.queue is not None
+        if all(f.done for f in fates):
+            await self.queue.delete(msg)
+            self.stats["deleted"] += 1
+            return
+        if any(f.transient for f in fates):
+            await self.queue.set_visibility(msg, TRANSIENT_PAUSE_S)
+            return
+        now = self._clock()
+        until = min(f.defer_until_s for f in fates if f.defer_until_s is not None)
+        # A second of slack, so the redelivered copy finds the lease expired / the retry due.
+        await self.queue.set_visibility(msg, max(0.0, until - now) + 1.0)
+
+    # --- leases and heartbeat ---------------------------------------------------------------
+
+    def _register_lease(self, key: DeliveryKey, token: str) -> Awaitable[None] | None:
+        for held in self._held.values():
+            if key in held.tasks:
+                held.leases[key] = token
+        return None
+
+    def _unregister_lease(self, key: DeliveryKey) -> None:
+        for held in self._held.values():
+            held.leases.pop(key, None)
+
+    async def _heartbeat_loop(self) -> None:
+        assert self.queue is not None
+        while True:
+            await asyncio.sleep(self.s.heartbeat_interval_s)
+            try:
+                await self._beat()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # The lease outlives three missed beats; log and keep beating.
+                log.exception("heartbeat_failed")
+
+    async def _beat(self) -> None:
+        assert self.queue is not None
+        held = list(self._held.values())
+        if not held:
+            return
+        failed = await self.queue.extend_batch(
+            [h.message for h in held], self.s.visibility_timeout_s,
+        )
+        if failed:
+            log.warning("visibility_extend_failed", message_ids=failed)
+        renewals = [
+            (h, key, token) for h in held for key, token in list(h.leases.items())
+        ]
+        results = await asyncio.gather(
+            *(self.ledger.renew(key, token, self.s.lease_s) for _, key, token in renewals),
+            return_exceptions=True,
+        )
+        for (h, key, _), ok in zip(renewals, results, strict=True):
+            if ok is False:
+                log.warning("lease_lost", mail_id=key.mail_id, recipient=key.recipient)
+                task = h.tasks.get(key)
+                if task is not None:
+                    task.cancel("lease_lost")  # kills the processor; the new owner records
+            elif isinstance(ok, BaseException):
+                log.warning("lease_renew_failed", mail_id=key.mail_id, error=str(ok))
+
+    async def _health_loop(self) -> None:
+        """The health file says: the loop turns, and SQS answered recently."""
+        path = self.s.heartbeat_file
+        while True:
+            now = self._clock()
+            # A long poll takes wait_time_s; allow that plus the health window before calling
+            # the receiver stuck.
+            fresh = now - self._last_poll_s < self.s.heartbeat_max_age_s + self.s.wait_time_s
+            if fresh or self.stop.is_set() or self._capacity() <= 0:
+                write_health(path, {"worker": self.worker_id, "at": now, "held": len(self._held)})
+            await asyncio.sleep(min(5.0, self.s.heartbeat_max_age_s / 3))
+
+
+def write_health(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with contextlib.suppress(OSError):
+        tmp.write_text(json.dumps(doc), encoding="utf-8")
+        tmp.replace(path)
+
+
+def health_age_s(path: Path, now: float | None = None) -> float | None:
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        return None
+    return (now if now is not None else time.time()) - mtime
+
+
+__all__ = ["DONE", "Worker", "health_age_s", "make_processor"]
