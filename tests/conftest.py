@@ -222,3 +222,32 @@ SIMPLE_MAIL = (
 ) + "注文番号: 1001\r\n".encode()
 
 
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The MAILFLOW_* variables that make a `mailflow` subprocess use these settings."""
+    out = dict(os.environ)
+    for name, value in settings.model_dump(mode="json", exclude={"routes_file"}).items():
+        if value is None:
+            continue
+        if name == "routes":
+            out["MAILFLOW_ROUTES"] = json.dumps(value)
+        elif isinstance(value, list):
+            out[f"MAILFLOW_{name.upper()}"] = json.dumps(value)
+        else:
+            out[f"MAILFLOW_{name.upper()}"] = str(value)
+    return out
+
+
+def start_worker_process(settings: Settings, log_path: Path) -> Any:
+    """`mailflow worker` as a real OS process in its own session (so a test can kill -PGID)."""
+    import subprocess  # noqa: PLC0415
+
+    with log_path.open("ab") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", "mailflow.cli", "worker"],
+            env=settings_env(settings),
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )

@@ -154,26 +154,23 @@ class Worker:
         return code
 
     async def _drain(self) -> int:
-        started = self._clock()
+        started = time.monotonic()
         async with self._room:
             self._room.notify_all()  # wake handlers waiting for a slot: they hand back
         pending = {t for t in self._tasks if not t.done()}
         log.info("draining", running=len(pending), grace_s=self.s.shutdown_grace_s)
-        if pending:
-            hurry = asyncio.create_task(self.hurry.wait())
-            await asyncio.wait(
-                [*pending, hurry], timeout=self.s.shutdown_grace_s,
-                return_when=asyncio.FIRST_EXCEPTION,
-            )
-            while not hurry.done() and any(not t.done() for t in pending):
-                remaining = self.s.shutdown_grace_s - (self._clock() - started)
+        hurry = asyncio.create_task(self.hurry.wait())
+        try:
+            while (pending := {t for t in pending if not t.done()}) and not self.hurry.is_set():
+                remaining = self.s.shutdown_grace_s - (time.monotonic() - started)
                 if remaining <= 0:
                     break
                 await asyncio.wait([*pending, hurry], timeout=remaining,
                                    return_when=asyncio.FIRST_COMPLETED)
+        finally:
             hurry.cancel()
         left = [t for t in self._tasks if not t.done()]
-        drain_s = round(self._clock() - started, 3)
+        drain_s = round(time.monotonic() - started, 3)
         if not left:
             log.info("drained", drain_s=drain_s)
             return EXIT_OK
