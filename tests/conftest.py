@@ -24,13 +24,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from mailflow.aws import AwsClients, open_clients  # noqa: E402
-from mailflow.config import Route, Settings  # noqa: E402
-from mailflow.ledger import TERMINAL, Ledger  # noqa: E402
-from mailflow.motoserver import MotoServer  # noqa: E402
-from mailflow.provision import provision  # noqa: E402
-from mailflow.ses import receive_mail  # noqa: E402
-from mailflow.worker import Worker  # noqa: E402
+from mailflow.aws import AwsClients, open_clients
+from mailflow.config import Route, Settings
+from mailflow.ledger import TERMINAL, Ledger
+from mailflow.motoserver import MotoServer
+from mailflow.provision import provision
+from mailflow.ses import receive_mail
+from mailflow.worker import Worker
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
@@ -40,7 +40,8 @@ BEHAVE = TESTS / "processors" / "behave.php"
 def require_binary(name: str) -> str:
     """Path of a binary the test needs: skip on a laptop without it, fail in CI."""
     path = shutil.which(name) or next(
-        (str(p) for p in (Path("/usr/sbin") / name, Path("/usr/bin") / name) if p.exists()), None,
+        (str(p) for p in (Path("/usr/sbin") / name, Path("/usr/bin") / name) if p.exists()),
+        None,
     )
     if path is None:
         if os.environ.get("CI"):
@@ -98,8 +99,11 @@ class Env:
         out = []
         while True:
             resp = sqs.receive_message(
-                QueueUrl=self.queue_url(dlq), MaxNumberOfMessages=10, WaitTimeSeconds=wait_s,
-                MessageAttributeNames=["All"], VisibilityTimeout=300,
+                QueueUrl=self.queue_url(dlq),
+                MaxNumberOfMessages=10,
+                WaitTimeSeconds=wait_s,
+                MessageAttributeNames=["All"],
+                VisibilityTimeout=300,
             )
             msgs = resp.get("Messages", [])
             if not msgs:
@@ -108,7 +112,8 @@ class Env:
 
     def queue_counts(self) -> dict[str, int]:
         attrs = self.boto("sqs").get_queue_attributes(
-            QueueUrl=self.queue_url(), AttributeNames=["All"],
+            QueueUrl=self.queue_url(),
+            AttributeNames=["All"],
         )["Attributes"]
         return {
             "visible": int(attrs["ApproximateNumberOfMessages"]),
@@ -122,16 +127,25 @@ class Env:
         return [line.split() for line in path.read_text().splitlines() if line.strip()]
 
     def starts(self, delivery_id: str | None = None) -> list[list[str]]:
-        return [e for e in self.effects() if e[-1] == "start" and
-                (delivery_id is None or e[0] == delivery_id)]
+        return [
+            e
+            for e in self.effects()
+            if e[-1] == "start" and (delivery_id is None or e[0] == delivery_id)
+        ]
 
     def publish_raw(self, body: str) -> None:
         self.boto("sqs").send_message(QueueUrl=self.queue_url(), MessageBody=body)
 
     # --- async helpers ----------------------------------------------------------------------
 
-    async def send(self, clients: AwsClients, raw: bytes, to: list[str],
-                   sender: str = "shop@example.com", verdict: str = "PASS") -> str:
+    async def send(
+        self,
+        clients: AwsClients,
+        raw: bytes,
+        to: list[str],
+        sender: str = "shop@example.com",
+        verdict: str = "PASS",
+    ) -> str:
         return await receive_mail(clients, self.settings, raw, to, sender, verdict=verdict)
 
     async def records(self, clients: AwsClients, mail_id: str) -> list[dict[str, Any]]:
@@ -222,8 +236,6 @@ SIMPLE_MAIL = (
 ) + "注文番号: 1001\r\n".encode()
 
 
-
-
 def settings_env(settings: Settings) -> dict[str, str]:
     """The MAILFLOW_* variables that make a `mailflow` subprocess use these settings."""
     out = dict(os.environ)
@@ -244,7 +256,7 @@ def start_worker_process(settings: Settings, log_path: Path) -> Any:
     import subprocess  # noqa: PLC0415
 
     with log_path.open("ab") as log:  # the child keeps its own descriptor
-        return subprocess.Popen(  # noqa: S603
+        return subprocess.Popen(
             [sys.executable, "-m", "mailflow.cli", "worker"],
             env=settings_env(settings),
             stdout=log,

@@ -32,10 +32,14 @@ ROUTE = Route(
 @pytest.mark.parametrize(
     ("env", "needle"),
     [
-        ({"MAILFLOW_ROUTES": '[{"name":"x","match":"(","command":"php a.php"}]'},
-         "MAILFLOW_ROUTES"),
-        ({"MAILFLOW_ROUTES": '[{"name":"x","match":"a","command":"php a.php {nope}"}]'},
-         "unknown placeholder {nope}"),
+        (
+            {"MAILFLOW_ROUTES": '[{"name":"x","match":"(","command":"php a.php"}]'},
+            "MAILFLOW_ROUTES",
+        ),
+        (
+            {"MAILFLOW_ROUTES": '[{"name":"x","match":"a","command":"php a.php {nope}"}]'},
+            "unknown placeholder {nope}",
+        ),
         ({"MAILFLOW_CONCURRENCY": "-1"}, "MAILFLOW_CONCURRENCY"),
         ({"MAILFLOW_LEASE_S": "abc"}, "MAILFLOW_LEASE_S"),
         ({"MAILFLOW_ROUTES": "not json"}, "MAILFLOW_ROUTES"),
@@ -63,8 +67,14 @@ def test_describe_validation_error_names_the_variable() -> None:
 
 
 def test_small_values_work_and_lease_outlives_three_heartbeats() -> None:
-    s = Settings(visibility_timeout_s=2, lease_s=2, retry_base_s=1, retry_max_s=2,
-                 processor_timeout_s=1, shutdown_grace_s=1)
+    s = Settings(
+        visibility_timeout_s=2,
+        lease_s=2,
+        retry_base_s=1,
+        retry_max_s=2,
+        processor_timeout_s=1,
+        shutdown_grace_s=1,
+    )
     assert s.heartbeat_interval_s * 3 < s.lease_s
     assert s.max_receive_count > s.max_attempts
     with pytest.raises(ValidationError):
@@ -111,10 +121,12 @@ def test_extension_and_parts() -> None:
 def test_catastrophic_regex_and_huge_recipient_are_bounded() -> None:
     route = Route(name="evil", match=r"(a|aa)+@x", command="php a.php")
     assert isinstance(
-        plan_delivery((route,), "a" * 300 + "!@x", sender="", mail_id="m"), Unroutable,
+        plan_delivery((route,), "a" * 300 + "!@x", sender="", mail_id="m"),
+        Unroutable,
     )
     assert isinstance(
-        plan_delivery((ROUTE,), "n" * 1_000_000 + "@x", sender="", mail_id="m"), Unroutable,
+        plan_delivery((ROUTE,), "n" * 1_000_000 + "@x", sender="", mail_id="m"),
+        Unroutable,
     )
 
 
@@ -125,10 +137,15 @@ def _ses(**kw: object) -> dict:
     from datetime import UTC, datetime  # noqa: PLC0415
 
     doc = received_notification(
-        mail_id="abc123", bucket="b", key="incoming/abc123", prefix="incoming/",
-        topic_arn="arn:aws:sns:us-east-1:1:t", sender="s@x",
+        mail_id="abc123",
+        bucket="b",
+        key="incoming/abc123",
+        prefix="incoming/",
+        topic_arn="arn:aws:sns:us-east-1:1:t",
+        sender="s@x",
         recipients=["NE-001@orders.example.com", "ne-001@orders.example.com", "b@x"],
-        common_headers={"subject": "hi"}, now=datetime.now(UTC),
+        common_headers={"subject": "hi"},
+        now=datetime.now(UTC),
     )
     doc.update(kw)
     return doc
@@ -145,9 +162,15 @@ def test_sns_envelope_and_raw_delivery_parse_alike() -> None:
 
 
 def test_synthetic_notification_parses() -> None:
-    body = synthetic_notification(mail_id="m", bucket="b", key="incoming/m", recipients=["a@x"],
-                                  sender="s", received_at="2026-01-01T00:00:00Z",
-                                  reason="requeue")
+    body = synthetic_notification(
+        mail_id="m",
+        bucket="b",
+        key="incoming/m",
+        recipients=["a@x"],
+        sender="s",
+        received_at="2026-01-01T00:00:00Z",
+        reason="requeue",
+    )
     ref = parse_body(json.dumps(body))
     assert ref.synthetic == "requeue"
 
@@ -157,8 +180,13 @@ def test_synthetic_notification_parses() -> None:
     [
         ("[]", "not_json_object"),
         ('{"Type":"SubscriptionConfirmation","Message":"{}"}', "sns_type"),
-        ('{"notificationType":"Received","mail":{"messageId":"m"},"receipt":{"recipients":[],'
-         '"action":{"type":"S3","bucketName":"b","objectKey":"k"}}}', "missing_field"),
+        (
+            (
+                '{"notificationType":"Received","mail":{"messageId":"m"},"receipt":{"recipients":[],'
+                '"action":{"type":"S3","bucketName":"b","objectKey":"k"}}}'
+            ),
+            "missing_field",
+        ),
     ],
 )
 def test_bad_bodies(body: str, reason: str) -> None:
@@ -176,8 +204,15 @@ def test_bad_bodies(body: str, reason: str) -> None:
     ],
 )
 def test_only_our_bucket_and_prefix_are_trusted(bucket: str, key: str, reason: str) -> None:
-    body = synthetic_notification(mail_id="m", bucket=bucket, key=key, recipients=["a@x"],
-                                  sender="s", received_at="", reason="t")
+    body = synthetic_notification(
+        mail_id="m",
+        bucket=bucket,
+        key=key,
+        recipients=["a@x"],
+        sender="s",
+        received_at="",
+        reason="t",
+    )
     with pytest.raises(BadNotificationError) as info:
         check_trusted(parse_body(json.dumps(body)), ("b",), "incoming/")
     assert info.value.reason == reason
@@ -193,12 +228,21 @@ def test_only_our_bucket_and_prefix_are_trusted(bucket: str, key: str, reason: s
         (ProcessResult(exit_code=75), Verdict.RETRY, "tempfail_exit_75"),
         (ProcessResult(exit_code=71), Verdict.RETRY, "tempfail_exit_71"),
         (ProcessResult(exit_code=1), Verdict.PERMANENT, "exit_1"),
-        (ProcessResult(exit_code=1, stdout_head=b"4.2.1 busy"), Verdict.RETRY,
-         "enhanced_status_4.2.1"),
-        (ProcessResult(exit_code=75, stderr_head=b"5.1.1 nope"), Verdict.PERMANENT,
-         "enhanced_status_5.1.1"),
-        (ProcessResult(exit_code=0, stdout_head=b"5.1.1 ignored on success"), Verdict.SUCCESS,
-         "ok"),
+        (
+            ProcessResult(exit_code=1, stdout_head=b"4.2.1 busy"),
+            Verdict.RETRY,
+            "enhanced_status_4.2.1",
+        ),
+        (
+            ProcessResult(exit_code=75, stderr_head=b"5.1.1 nope"),
+            Verdict.PERMANENT,
+            "enhanced_status_5.1.1",
+        ),
+        (
+            ProcessResult(exit_code=0, stdout_head=b"5.1.1 ignored on success"),
+            Verdict.SUCCESS,
+            "ok",
+        ),
         (ProcessResult(signal=9), Verdict.RETRY, "killed_by_SIGKILL"),
         (ProcessResult(timed_out=True, signal=15), Verdict.RETRY, "timeout"),
         (ProcessResult(transport_error="refused"), Verdict.RETRY, "transport_error"),

@@ -9,8 +9,8 @@ import os
 import time
 
 import pytest
-from conftest import SIMPLE_MAIL, Env, all_terminal, require_binary, run_worker_until
 
+from conftest import SIMPLE_MAIL, Env, all_terminal, require_binary, run_worker_until
 from mailflow.aws import open_clients
 from mailflow.routing import delivery_id
 
@@ -22,12 +22,14 @@ def _php() -> None:
 
 def mail_to(*to: str, body: bytes = b"hello\r\n") -> bytes:
     return (
-        b"From: Shop <shop@example.com>\r\nTo: " + ", ".join(to).encode() +
-        b"\r\nSubject: test\r\n\r\n" + body
+        b"From: Shop <shop@example.com>\r\nTo: "
+        + ", ".join(to).encode()
+        + b"\r\nSubject: test\r\n\r\n"
+        + body
     )
 
 
-def run(coro):  # noqa: ANN001, ANN201 - tiny test shim
+def run(coro):
     return asyncio.run(coro)
 
 
@@ -44,6 +46,7 @@ def test_success_records_outcome_and_deletes_message(env: Env) -> None:
             assert rec["argv"][-2:] == ["ok", "001"]
             assert rec["subject"] == "order"
             assert rec["size_bytes"] > len(SIMPLE_MAIL)  # SES headers prepended
+
     run(scenario())
     assert env.queue_counts() == {"visible": 0, "in_flight": 0}
 
@@ -55,18 +58,23 @@ def test_three_copies_of_one_notification_run_once(env: Env) -> None:
             # Two more copies of the exact SNS envelope: what SNS/SQS duplicates look like.
             (msg,) = env.drain_queue()
             env.boto("sqs").change_message_visibility(
-                QueueUrl=env.queue_url(), ReceiptHandle=msg["ReceiptHandle"], VisibilityTimeout=0,
+                QueueUrl=env.queue_url(),
+                ReceiptHandle=msg["ReceiptHandle"],
+                VisibilityTimeout=0,
             )
             env.publish_raw(msg["Body"])
             env.publish_raw(json.loads(msg["Body"])["Message"])  # raw-delivery shape too
             os.environ["SLOW_S"] = "1"
 
-            async def settled(c) -> bool:  # noqa: ANN001
+            async def settled(c) -> bool:
                 return await all_terminal(env, [mail_id])(c) and env.queue_counts() == {
-                    "visible": 0, "in_flight": 0}
+                    "visible": 0,
+                    "in_flight": 0,
+                }
 
             await run_worker_until(env.settings, clients, settled, timeout_s=40)
             return mail_id
+
     mail_id = run(scenario())
     did = delivery_id(mail_id, "slow-001@orders.example.com")
     assert len(env.starts(did)) == 1
@@ -76,14 +84,16 @@ def test_tempfail_is_retried_then_succeeds(env: Env) -> None:
     async def scenario() -> None:
         async with open_clients() as clients:
             mail_id = await env.send(clients, SIMPLE_MAIL, ["flaky-002@orders.example.com"])
-            await run_worker_until(env.settings, clients, all_terminal(env, [mail_id]),
-                                   timeout_s=40)
+            await run_worker_until(
+                env.settings, clients, all_terminal(env, [mail_id]), timeout_s=40
+            )
             (rec,) = await env.records(clients, mail_id)
             assert rec["status"] == "succeeded"
             assert rec["attempts"] == 2
             assert [h["status"] for h in rec["history"]] == ["retrying", "succeeded"]
             assert rec["history"][0]["reason"] == "tempfail_exit_75"
             assert rec["history"][0]["exit_code"] == 75
+
     run(scenario())
 
 
@@ -96,6 +106,7 @@ def test_permanent_failure_keeps_exit_code_and_stderr(env: Env) -> None:
             assert (rec["status"], rec["exit_code"], rec["reason"]) == ("failed", 1, "exit_1")
             assert "broken order" in rec["stderr_tail"]
             assert rec["attempts"] == 1
+
     run(scenario())
 
 
@@ -105,8 +116,9 @@ def test_enhanced_status_codes_beat_exit_status(env: Env) -> None:
             retry_id = await env.send(clients, SIMPLE_MAIL, ["print4-004@orders.example.com"])
             perm_id = await env.send(clients, SIMPLE_MAIL, ["print5-005@orders.example.com"])
             settings = env.with_settings(max_attempts=2)
-            await run_worker_until(settings, clients, all_terminal(env, [retry_id, perm_id]),
-                                   timeout_s=40)
+            await run_worker_until(
+                settings, clients, all_terminal(env, [retry_id, perm_id]), timeout_s=40
+            )
             (retry,) = await env.records(clients, retry_id)
             (perm,) = await env.records(clients, perm_id)
             # exit 1 + "4.3.0 ..." → retried (until max_attempts), never a permanent exit_1
@@ -116,6 +128,7 @@ def test_enhanced_status_codes_beat_exit_status(env: Env) -> None:
             # exit 75 + "5.1.1 ..." → permanent at once
             assert (perm["status"], perm["attempts"]) == ("failed", 1)
             assert perm["reason"] == "enhanced_status_5.1.1"
+
     run(scenario())
 
 
@@ -129,6 +142,7 @@ def test_timeout_kills_the_whole_process_group(env: Env) -> None:
             (rec,) = await env.records(clients, mail_id)
             assert rec["reason"] == "attempts_exhausted"
             assert rec["last_reason"] == "timeout"
+
     run(scenario())
     pid = int((env.ledger_dir / "grandchild.pid").read_text())
     deadline = time.monotonic() + 5
@@ -145,12 +159,14 @@ def test_timeout_kills_the_whole_process_group(env: Env) -> None:
 def test_unroutable_is_failed_without_running(env: Env) -> None:
     async def scenario() -> None:
         async with open_clients() as clients:
-            mail_id = await env.send(clients, mail_to("info@orders.example.com"),
-                                     ["info@orders.example.com"])
+            mail_id = await env.send(
+                clients, mail_to("info@orders.example.com"), ["info@orders.example.com"]
+            )
             await run_worker_until(env.settings, clients, all_terminal(env, [mail_id]))
             (rec,) = await env.records(clients, mail_id)
             assert (rec["status"], rec["reason"], rec["attempts"]) == ("failed", "unroutable", 0)
             assert rec["key"].startswith(env.settings.incoming_prefix)  # the mail stays in S3
+
     run(scenario())
     assert env.starts() == []
     assert env.queue_counts() == {"visible": 0, "in_flight": 0}
@@ -162,9 +178,16 @@ def test_unroutable_is_failed_without_running(env: Env) -> None:
         ("not json at all", "not_json"),
         (json.dumps({"Type": "Notification", "Message": "{broken"}), "sns_message_not_json"),
         (json.dumps({"notificationType": "Bounce", "mail": {}}), "not_ses_received"),
-        (json.dumps({"notificationType": "Received", "mail": {"messageId": "x"},
-                     "receipt": {"recipients": ["a@b"], "action": {"type": "SNS"}}}),
-         "not_s3_action"),
+        (
+            json.dumps(
+                {
+                    "notificationType": "Received",
+                    "mail": {"messageId": "x"},
+                    "receipt": {"recipients": ["a@b"], "action": {"type": "SNS"}},
+                }
+            ),
+            "not_s3_action",
+        ),
     ],
 )
 def test_malformed_notification_goes_to_dlq_with_reason(env: Env, body: str, reason: str) -> None:
@@ -172,9 +195,12 @@ def test_malformed_notification_goes_to_dlq_with_reason(env: Env, body: str, rea
 
     async def scenario() -> None:
         async with open_clients() as clients:
-            async def dead(_c) -> bool:  # noqa: ANN001
+
+            async def dead(_c) -> bool:
                 return env.queue_counts() == {"visible": 0, "in_flight": 0}
+
             await run_worker_until(env.settings, clients, dead)
+
     run(scenario())
     (msg,) = env.drain_queue(dlq=True)
     assert msg["Body"] == body
@@ -186,15 +212,18 @@ def test_foreign_bucket_is_never_fetched(env: Env) -> None:
         async with open_clients() as clients:
             await env.send(clients, SIMPLE_MAIL, ["ok-001@orders.example.com"])
             (msg,) = env.drain_queue()
-            env.boto("sqs").delete_message(QueueUrl=env.queue_url(),
-                                           ReceiptHandle=msg["ReceiptHandle"])
+            env.boto("sqs").delete_message(
+                QueueUrl=env.queue_url(), ReceiptHandle=msg["ReceiptHandle"]
+            )
             doc = json.loads(json.loads(msg["Body"])["Message"])
             doc["receipt"]["action"]["bucketName"] = "someone-elses-bucket"
             env.publish_raw(json.dumps(doc))
 
-            async def dead(_c) -> bool:  # noqa: ANN001
+            async def dead(_c) -> bool:
                 return env.queue_counts() == {"visible": 0, "in_flight": 0}
+
             await run_worker_until(env.settings, clients, dead)
+
     run(scenario())
     (msg,) = env.drain_queue(dlq=True)
     assert msg["MessageAttributes"]["mailflow_reason"]["StringValue"] == "bucket_not_allowed"
@@ -206,18 +235,22 @@ def test_oversize_mail_fails_too_large(env: Env) -> None:
 
     async def scenario() -> None:
         async with open_clients() as clients:
-            mail_id = await env.send(clients, mail_to("ok-001@orders.example.com",
-                                                      body=b"x" * 20_000),
-                                     ["ok-001@orders.example.com"])
+            mail_id = await env.send(
+                clients,
+                mail_to("ok-001@orders.example.com", body=b"x" * 20_000),
+                ["ok-001@orders.example.com"],
+            )
             await run_worker_until(settings, clients, all_terminal(env, [mail_id]))
             (rec,) = await env.records(clients, mail_id)
             assert (rec["status"], rec["reason"]) == ("failed", "too_large")
+
     run(scenario())
     assert env.starts() == []
 
 
-@pytest.mark.parametrize("name", ["order-001-iso2022jp.eml", "order-002-shiftjis.eml",
-                                  "order-003-multipart.eml"])
+@pytest.mark.parametrize(
+    "name", ["order-001-iso2022jp.eml", "order-002-shiftjis.eml", "order-003-multipart.eml"]
+)
 def test_processor_stdin_is_the_stored_object_byte_for_byte(env: Env, name: str) -> None:
     from conftest import sample  # noqa: PLC0415
 
@@ -230,6 +263,7 @@ def test_processor_stdin_is_the_stored_object_byte_for_byte(env: Env, name: str)
             (rec,) = await env.records(clients, mail_id)
             obj = env.boto("s3").get_object(Bucket=rec["bucket"], Key=rec["key"])["Body"].read()
             return mail_id, obj
+
     mail_id, stored = run(scenario())
     did = delivery_id(mail_id, "ok-007@orders.example.com")
     safe = "".join(c if c.isalnum() else "_" for c in did)
@@ -257,19 +291,22 @@ def test_hostile_recipients_never_reach_a_shell_or_the_processor(env: Env, recip
             (rec,) = await env.records(clients, mail_id)
             assert rec["status"] == "failed"
             assert rec["reason"] in {"unroutable", "unsafe_argument"}
+
     run(scenario())
     assert env.starts() == []
     assert not (env.ledger_dir / "pwned").exists()
 
 
 def test_processor_env_is_clean(env: Env) -> None:
-    os.environ["AWS_SESSION_TOKEN"] = "secret-token"
+    os.environ["AWS_SESSION_TOKEN"] = "not-a-real-token"  # noqa: S105
     try:
+
         async def scenario() -> str:
             async with open_clients() as clients:
                 mail_id = await env.send(clients, SIMPLE_MAIL, ["ok-008@orders.example.com"])
                 await run_worker_until(env.settings, clients, all_terminal(env, [mail_id]))
                 return mail_id
+
         mail_id = run(scenario())
     finally:
         del os.environ["AWS_SESSION_TOKEN"]
@@ -277,6 +314,16 @@ def test_processor_env_is_clean(env: Env) -> None:
     safe = "".join(c if c.isalnum() else "_" for c in did)
     names = set((env.ledger_dir / "env" / safe).read_text().split())
     assert not {n for n in names if n.startswith("AWS_")}
-    assert {"SENDER", "RECIPIENT", "ORIGINAL_RECIPIENT", "LOCAL", "DOMAIN", "EXTENSION",
-            "MAILFLOW_MAIL_ID", "MAILFLOW_DELIVERY_ID", "MAILFLOW_ATTEMPT", "PATH",
-            "LEDGER_DIR"} <= names
+    assert {
+        "SENDER",
+        "RECIPIENT",
+        "ORIGINAL_RECIPIENT",
+        "LOCAL",
+        "DOMAIN",
+        "EXTENSION",
+        "MAILFLOW_MAIL_ID",
+        "MAILFLOW_DELIVERY_ID",
+        "MAILFLOW_ATTEMPT",
+        "PATH",
+        "LEDGER_DIR",
+    } <= names

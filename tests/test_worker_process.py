@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SIMPLE_MAIL, Env, all_terminal, require_binary, start_worker_process
 
+from conftest import SIMPLE_MAIL, Env, all_terminal, require_binary, start_worker_process
 from mailflow.aws import open_clients
 from mailflow.exitcodes import EXIT_OK
 from mailflow.routing import delivery_id
@@ -21,7 +21,7 @@ def _php() -> None:
     require_binary("php")
 
 
-def _wait(predicate, timeout_s: float, what: str) -> None:  # noqa: ANN001
+def _wait(predicate, timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
@@ -33,6 +33,7 @@ def _send(env: Env, to: str) -> str:
     async def go() -> str:
         async with open_clients() as clients:
             return await env.send(clients, SIMPLE_MAIL, [to])
+
     return asyncio.run(go())
 
 
@@ -40,6 +41,7 @@ def _terminal(env: Env, mail_ids: list[str]) -> bool:
     async def go() -> bool:
         async with open_clients() as clients:
             return await all_terminal(env, mail_ids)(clients)
+
     return asyncio.run(go())
 
 
@@ -47,6 +49,7 @@ def _records(env: Env, mail_id: str) -> list[dict]:
     async def go() -> list[dict]:
         async with open_clients() as clients:
             return await env.records(clients, mail_id)
+
     return asyncio.run(go())
 
 
@@ -79,13 +82,16 @@ def test_two_workers_racing_run_a_delivery_once(env: Env, tmp_path: Path) -> Non
         env.publish_raw(msg["Body"])
         env.publish_raw(msg["Body"])
         env.boto("sqs").change_message_visibility(
-            QueueUrl=env.queue_url(), ReceiptHandle=msg["ReceiptHandle"], VisibilityTimeout=0,
+            QueueUrl=env.queue_url(),
+            ReceiptHandle=msg["ReceiptHandle"],
+            VisibilityTimeout=0,
         )
     workers = [start_worker_process(env.settings, tmp_path / f"w{i}.log") for i in range(2)]
     try:
         _wait(lambda: _terminal(env, mail_ids), 90, "all deliveries to finish")
-        _wait(lambda: env.queue_counts() == {"visible": 0, "in_flight": 0}, 60,
-              "the queue to empty")
+        _wait(
+            lambda: env.queue_counts() == {"visible": 0, "in_flight": 0}, 60, "the queue to empty"
+        )
     finally:
         for w in workers:
             w.send_signal(signal.SIGTERM)

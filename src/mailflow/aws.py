@@ -104,7 +104,10 @@ def map_error(operation: str, exc: BaseException) -> Exception:
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         message = str(exc.response.get("Error", {}).get("Message", ""))
         if code == "ConditionalCheckFailedException":
-            return ConditionFailedError(operation, message, exc.response.get("Item"))
+            item = exc.response.get("Item")  # ALL_OLD, when the call asked for it
+            return ConditionFailedError(
+                operation, message, item if isinstance(item, dict) else None
+            )
         if code in THROTTLING_CODES or code in SERVER_CODES or status >= 500 or status == 429:
             return RetryableAwsError(f"{operation}: {code or status}: {message}")
         return AwsPermanentError(operation, code or str(status), message)

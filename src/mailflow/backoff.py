@@ -22,4 +22,4 @@ def retry_delay_s(
     """Delay before attempt `attempt + 1`, given that attempt `attempt` (1-based) failed."""
     exponent = min(max(attempt - 1, 0), 32)  # 2**32 * base is past any sane cap already
     ceiling = min(max_s, base_s * (2**exponent))
-    return ceiling / 2 + rand() * ceiling / 2
+    return float(ceiling / 2 + rand() * ceiling / 2)

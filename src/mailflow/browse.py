@@ -12,7 +12,7 @@ from mailflow.aws import open_clients
 from mailflow.config import Settings
 from mailflow.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 from mailflow.ledger import Ledger, Status
-from mailflow.views import delivery_json, deliveries_table, print_json, print_record, print_table
+from mailflow.views import deliveries_table, delivery_json, print_json, print_record, print_table
 
 _AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -24,9 +24,10 @@ def parse_since(value: str, now: float | None = None) -> float:
     if found:
         return (now or time.time()) - float(found.group(1)) * _UNIT_S[found.group(2)]
     try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        return datetime.fromisoformat(value).timestamp()
     except ValueError:
-        raise ValueError(f"--since {value!r}: expected an age like 30m/2h/1d or an ISO time") from None
+        msg = f"--since {value!r}: expected an age like 30m/2h/1d or an ISO time"
+        raise ValueError(msg) from None
 
 
 async def query(

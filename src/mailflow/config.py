@@ -166,7 +166,10 @@ class Settings(BaseSettings):
     orphan_age_s: Annotated[float, Field(ge=0)] = 900.0
 
     @field_validator(
-        "allowed_buckets", "quarantine_verdicts", "pass_env", mode="before",
+        "allowed_buckets",
+        "quarantine_verdicts",
+        "pass_env",
+        mode="before",
     )
     @classmethod
     def _split_words(cls, value: object) -> object:

@@ -94,7 +94,10 @@ class Deliverer:
 
     def plan(self, ref: MailRef, recipient: str) -> DeliveryPlan | Unroutable:
         return plan_delivery(
-            self.s.routes, recipient, sender=ref.sender, mail_id=ref.mail_id,
+            self.s.routes,
+            recipient,
+            sender=ref.sender,
+            mail_id=ref.mail_id,
             base_env=self._env,
         )
 
@@ -119,7 +122,12 @@ class Deliverer:
         return None
 
     async def record_final(
-        self, ref: MailRef, recipient: str, reason: str, detail: str, route: str | None,
+        self,
+        ref: MailRef,
+        recipient: str,
+        reason: str,
+        detail: str,
+        route: str | None,
     ) -> Fate:
         """Unroutable or quarantined: a terminal record with no processor run."""
         key = DeliveryKey(ref.mail_id, recipient)
@@ -131,14 +139,23 @@ class Deliverer:
         }
         created = await self.ledger.record_without_claim(key, Status.FAILED, fields)
         self._log_outcome(
-            ref, recipient, route or "-", Status.FAILED if created else "duplicate",
-            attempt=0, reason=reason, detail=detail,
+            ref,
+            recipient,
+            route or "-",
+            Status.FAILED if created else "duplicate",
+            attempt=0,
+            reason=reason,
+            detail=detail,
         )
         if created:
             return DONE
         record = await self.ledger.get(key)
-        return DONE if record.get("status") in {"succeeded", "failed", "archived"} else Fate(
-            defer_until_s=self._clock() + 30,
+        return (
+            DONE
+            if record.get("status") in {"succeeded", "failed", "archived"}
+            else Fate(
+                defer_until_s=self._clock() + 30,
+            )
         )
 
     async def deliver(self, ref: MailRef, plan: DeliveryPlan, recipient: str) -> Fate:
@@ -175,7 +192,11 @@ class Deliverer:
         return Fate(defer_until_s=busy.until_s)
 
     async def _attempt(
-        self, ref: MailRef, plan: DeliveryPlan, key: DeliveryKey, claim: Claimed,
+        self,
+        ref: MailRef,
+        plan: DeliveryPlan,
+        key: DeliveryKey,
+        claim: Claimed,
     ) -> Fate:
         attempt = claim.attempt
         started = self._clock()
@@ -188,7 +209,10 @@ class Deliverer:
         result: ProcessResult | None = None
         try:
             async with spooled(
-                self.s3, ref.bucket, ref.key, spool_dir=self.spool_dir,
+                self.s3,
+                ref.bucket,
+                ref.key,
+                spool_dir=self.spool_dir,
                 max_bytes=self.s.max_mail_bytes,
             ) as mail:
                 size_bytes = mail.size_bytes
@@ -228,10 +252,11 @@ class Deliverer:
                         self._record(ref, plan, key, claim, outcome, None, None, started, now=True),
                     )
             raise
-        return await self._record(ref, plan, key, claim, outcome, result, summary, started,
-                                  size_bytes=size_bytes)
+        return await self._record(
+            ref, plan, key, claim, outcome, result, summary, started, size_bytes=size_bytes
+        )
 
-    async def _record(
+    async def _record(  # noqa: C901, PLR0912 - one field per outcome detail, flat on purpose
         self,
         ref: MailRef,
         plan: DeliveryPlan,
@@ -252,8 +277,14 @@ class Deliverer:
             status = Status.SUCCEEDED
         elif outcome.verdict is Verdict.RETRY and attempt < self.s.max_attempts:
             status = Status.RETRYING
-            delay = 0.0 if now else retry_delay_s(
-                attempt, base_s=self.s.retry_base_s, max_s=self.s.retry_max_s,
+            delay = (
+                0.0
+                if now
+                else retry_delay_s(
+                    attempt,
+                    base_s=self.s.retry_base_s,
+                    max_s=self.s.retry_max_s,
+                )
             )
             fields["next_attempt_at"] = finished + delay
         else:
@@ -301,14 +332,22 @@ class Deliverer:
                 await write
             raise
         except LeaseLostError as exc:
-            log.warning("lease_lost_at_finish", mail_id=ref.mail_id, recipient=key.recipient,
-                        error=str(exc))
+            log.warning(
+                "lease_lost_at_finish", mail_id=ref.mail_id, recipient=key.recipient, error=str(exc)
+            )
             return Fate(defer_until_s=self._clock() + self.s.lease_s)
         self._log_outcome(
-            ref, key.recipient, plan.route, status, attempt=attempt, reason=str(fields["reason"]),
+            ref,
+            key.recipient,
+            plan.route,
+            status,
+            attempt=attempt,
+            reason=str(fields["reason"]),
             exit_code=result.exit_code if result else None,
-            duration_ms=fields.get("duration_ms"), size_bytes=size_bytes,
-            detail=fields.get("detail"), started_s=started,
+            duration_ms=fields.get("duration_ms"),
+            size_bytes=size_bytes,
+            detail=fields.get("detail"),
+            started_s=started,
         )
         if status is Status.RETRYING:
             return Fate(defer_until_s=float(fields["next_attempt_at"]))

@@ -53,8 +53,11 @@ def run_dev(args: argparse.Namespace) -> int:
 
         server = MotoServer(port=args.port).start()
         os.environ["AWS_ENDPOINT_URL"] = server.url
-        for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                            ("AWS_DEFAULT_REGION", "us-east-1")):
+        for name, value in (
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_DEFAULT_REGION", "us-east-1"),
+        ):
             os.environ.setdefault(name, value)
     orders = Path(os.environ.get("ORDERS_DIR", REPO / "var" / "orders"))
     orders.mkdir(parents=True, exist_ok=True)
@@ -70,12 +73,15 @@ def run_dev(args: argparse.Namespace) -> int:
         wait_time_s=2,
         shutdown_grace_s=10,
         heartbeat_file=REPO / "var" / "worker.heartbeat",
-        log_format=os.environ.get("MAILFLOW_LOG_FORMAT", "console"),  # type: ignore[arg-type]
+        log_format=os.environ.get("MAILFLOW_LOG_FORMAT", "console"),
     )
     logs.configure(settings.log_format, settings.log_level)
     if kind == "python":
-        log.warning("php_missing", using="examples/legacy/receive_mail.py",
-                    hint="apt-get install php-cli to run the PHP sample processor")
+        log.warning(
+            "php_missing",
+            using="examples/legacy/receive_mail.py",
+            hint="apt-get install php-cli to run the PHP sample processor",
+        )
     log.info("dev_backend", endpoint=os.environ["AWS_ENDPOINT_URL"], orders_dir=str(orders))
     try:
         return asyncio.run(_dev(settings, exit_when_done=args.exit_when_done))
@@ -104,8 +110,9 @@ async def _dev(settings: Settings, *, exit_when_done: bool) -> int:
         for path in sorted((EXAMPLES / "mail").glob("*.eml")):
             raw = path.read_bytes()
             recipients = header_addresses(split_head(raw)) or ["ne-001@orders.example.com"]
-            mail_id = await receive_mail(clients, settings, raw, recipients, "shop@example.com",
-                                         arn=arn)
+            mail_id = await receive_mail(
+                clients, settings, raw, recipients, "shop@example.com", arn=arn
+            )
             log.info("sample_sent", file=path.name, mail_id=mail_id, to=recipients)
             sent.append(mail_id)
         if exit_when_done:
@@ -118,7 +125,10 @@ async def _dev(settings: Settings, *, exit_when_done: bool) -> int:
 
 
 async def _wait_terminal(
-    ledger: Ledger, mail_ids: list[str], running: asyncio.Task[int], timeout_s: float = 120,
+    ledger: Ledger,
+    mail_ids: list[str],
+    running: asyncio.Task[int],
+    timeout_s: float = 120,
 ) -> bool:
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(timeout_s):
@@ -128,9 +138,14 @@ async def _wait_terminal(
                     r.get("status") in TERMINAL for r in records
                 ):
                     for r in records:
-                        log.info("sample_result", mail_id=r["mail_id"],
-                                 recipient=r["recipient"], status=r["status"],
-                                 reason=r.get("reason"), subject=r.get("subject"))
+                        log.info(
+                            "sample_result",
+                            mail_id=r["mail_id"],
+                            recipient=r["recipient"],
+                            status=r["status"],
+                            reason=r.get("reason"),
+                            subject=r.get("subject"),
+                        )
                     return True
                 await asyncio.sleep(0.5)
     return False

@@ -149,14 +149,21 @@ class _Update:
 
 class Ledger:
     def __init__(
-        self, client: Any, table: str, clock: Callable[[], float] = time.time,
+        self,
+        client: Any,
+        table: str,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._ddb = client
         self.table = table
         self._clock = clock
 
     async def _update(
-        self, op: str, key: DeliveryKey, upd: _Update, condition: str,
+        self,
+        op: str,
+        key: DeliveryKey,
+        upd: _Update,
+        condition: str,
     ) -> dict[str, Any]:
         resp = await aws.call(
             op,
@@ -194,9 +201,8 @@ class Ledger:
         upd.set("attn", Status.PROCESSING.value)
         upd.set("attn_at", now + lease_s)
         attempts = upd.name("attempts")
-        upd.sets.append(
-            f"{attempts} = if_not_exists({attempts}, {upd.value('zero', 0)}) + {upd.value('one', 1)}",
-        )
+        zero, one = upd.value("zero", 0), upd.value("one", 1)
+        upd.sets.append(f"{attempts} = if_not_exists({attempts}, {zero}) + {one}")
         for attr, value in meta.items():
             upd.set_if_absent(attr, value)
         upd.remove("next_attempt_at")
@@ -278,7 +284,10 @@ class Ledger:
             ) from None
 
     async def record_without_claim(
-        self, key: DeliveryKey, status: Status, fields: Mapping[str, Any],
+        self,
+        key: DeliveryKey,
+        status: Status,
+        fields: Mapping[str, Any],
     ) -> bool:
         """Write a final state no processor run precedes (unroutable, quarantined).
 
@@ -287,8 +296,7 @@ class Ledger:
         now = self._clock()
         upd = _Update()
         values = {"created_at": now, "finished_at": now, "attempts": 0, **fields}
-        values |= {"status": status.value, "updated_at": now, "attn": status.value,
-                   "attn_at": now}
+        values |= {"status": status.value, "updated_at": now, "attn": status.value, "attn_at": now}
         for attr, value in values.items():
             upd.set(attr, value)
         upd.names["#mail_id"] = "mail_id"
@@ -366,7 +374,11 @@ class Ledger:
         return deserialize(resp.get("Item"))
 
     async def needing_attention(
-        self, status: Status, *, before_s: float | None = None, limit: int = 100,
+        self,
+        status: Status,
+        *,
+        before_s: float | None = None,
+        limit: int = 100,
     ) -> list[dict[str, Any]]:
         """Items in `status` (not archived) from the sparse index, oldest first."""
         names = {"#attn": "attn", "#at": "attn_at"}

@@ -8,12 +8,17 @@ from typing import Literal
 
 import structlog
 
-LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-          "error": logging.ERROR}
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 def configure(
-    log_format: Literal["json", "console", "auto"] = "auto", level: str = "info",
+    log_format: Literal["json", "console", "auto"] = "auto",
+    level: str = "info",
 ) -> None:
     as_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
     renderer: structlog.typing.Processor = (

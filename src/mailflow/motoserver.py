@@ -16,7 +16,7 @@ import logging
 import sys
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Self
 
 from werkzeug.serving import BaseWSGIServer, make_server
 
@@ -48,24 +48,31 @@ class MotoServer:
 
     @property
     def url(self) -> str:
-        assert self._server is not None, "start() first"
+        if self._server is None:
+            raise RuntimeError("MotoServer.start() first")
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{host!s}:{port}"
 
-    def start(self) -> MotoServer:
+    def start(self) -> Self:
         from moto.moto_server.werkzeug_app import (  # noqa: PLC0415 - moto is a dev extra
             DomainDispatcherApplication,
             create_backend_app,
         )
-        from moto.server import MotoRequestHandler  # noqa: PLC0415
+        from moto.server import MotoRequestHandler  # type: ignore[attr-defined]  # noqa: PLC0415
 
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
         app = _serialize_dynamodb(DomainDispatcherApplication(create_backend_app))
         self._server = make_server(
-            self._host, self._port, app, threaded=True, request_handler=MotoRequestHandler,
+            self._host,
+            self._port,
+            app,
+            threaded=True,
+            request_handler=MotoRequestHandler,
         )
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="moto", daemon=True,
+            target=self._server.serve_forever,
+            name="moto",
+            daemon=True,
         )
         self._thread.start()
         return self
@@ -77,7 +84,7 @@ class MotoServer:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> MotoServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -57,7 +57,10 @@ def enhanced_status(output: bytes) -> str | None:
     return b".".join(found.groups()).decode("ascii")
 
 
-def classify(result: ProcessResult, tempfail_codes: tuple[int, ...] = (75, 71)) -> Outcome:
+def classify(  # noqa: C901, PLR0911 - the postfix table above, one rung per line
+    result: ProcessResult,
+    tempfail_codes: tuple[int, ...] = (75, 71),
+) -> Outcome:
     if result.refused:
         return Outcome(Verdict.PERMANENT, "refused")
     if result.transport_error is not None:

@@ -30,17 +30,25 @@ async def provision(clients: AwsClients, settings: Settings) -> dict[str, str]:
         await _bucket(clients, settings.archive_bucket)
     topic = await aws.call("sns.CreateTopic", clients.sns.create_topic, Name=settings.topic)
     out["topic_arn"] = topic["TopicArn"]
-    dlq_url, dlq_arn = await _queue(clients, settings.dlq, {
-        "MessageRetentionPeriod": str(DLQ_RETENTION_S),
-    })
-    queue_url, queue_arn = await _queue(clients, settings.queue, {
-        "VisibilityTimeout": str(settings.visibility_timeout_s),
-        "ReceiveMessageWaitTimeSeconds": str(settings.wait_time_s),
-        "MessageRetentionPeriod": str(DLQ_RETENTION_S),
-        "RedrivePolicy": json.dumps(
-            {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": settings.max_receive_count},
-        ),
-    })
+    dlq_url, dlq_arn = await _queue(
+        clients,
+        settings.dlq,
+        {
+            "MessageRetentionPeriod": str(DLQ_RETENTION_S),
+        },
+    )
+    queue_url, queue_arn = await _queue(
+        clients,
+        settings.queue,
+        {
+            "VisibilityTimeout": str(settings.visibility_timeout_s),
+            "ReceiveMessageWaitTimeSeconds": str(settings.wait_time_s),
+            "MessageRetentionPeriod": str(DLQ_RETENTION_S),
+            "RedrivePolicy": json.dumps(
+                {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": settings.max_receive_count},
+            ),
+        },
+    )
     await aws.call(
         "sqs.SetQueueAttributes",
         clients.sqs.set_queue_attributes,
@@ -70,7 +78,10 @@ async def _bucket(clients: AwsClients, name: str) -> str:
 async def _queue(clients: AwsClients, name: str, attrs: dict[str, str]) -> tuple[str, str]:
     try:
         resp = await aws.call(
-            "sqs.CreateQueue", clients.sqs.create_queue, QueueName=name, Attributes=attrs,
+            "sqs.CreateQueue",
+            clients.sqs.create_queue,
+            QueueName=name,
+            Attributes=attrs,
         )
         url = resp["QueueUrl"]
     except AwsPermanentError as exc:
@@ -81,11 +92,15 @@ async def _queue(clients: AwsClients, name: str, attrs: dict[str, str]) -> tuple
             "QueueUrl"
         ]
         await aws.call(
-            "sqs.SetQueueAttributes", clients.sqs.set_queue_attributes, QueueUrl=url,
+            "sqs.SetQueueAttributes",
+            clients.sqs.set_queue_attributes,
+            QueueUrl=url,
             Attributes=attrs,
         )
     got = await aws.call(
-        "sqs.GetQueueAttributes", clients.sqs.get_queue_attributes, QueueUrl=url,
+        "sqs.GetQueueAttributes",
+        clients.sqs.get_queue_attributes,
+        QueueUrl=url,
         AttributeNames=["QueueArn"],
     )
     return str(url), str(got["Attributes"]["QueueArn"])
@@ -109,13 +124,17 @@ def _queue_policy(queue_arn: str, topic_arn: str) -> dict[str, Any]:
 
 async def _subscribe(clients: AwsClients, topic_arn: str, queue_arn: str) -> None:
     subs = await aws.call(
-        "sns.ListSubscriptionsByTopic", clients.sns.list_subscriptions_by_topic,
+        "sns.ListSubscriptionsByTopic",
+        clients.sns.list_subscriptions_by_topic,
         TopicArn=topic_arn,
     )
     if any(s.get("Endpoint") == queue_arn for s in subs.get("Subscriptions", [])):
         return
     await aws.call(
-        "sns.Subscribe", clients.sns.subscribe, TopicArn=topic_arn, Protocol="sqs",
+        "sns.Subscribe",
+        clients.sns.subscribe,
+        TopicArn=topic_arn,
+        Protocol="sqs",
         Endpoint=queue_arn,
     )
 
@@ -156,7 +175,9 @@ async def _table(clients: AwsClients, name: str) -> str:
     await waiter.wait(TableName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
     try:
         await aws.call(
-            "ddb.UpdateTimeToLive", clients.dynamodb.update_time_to_live, TableName=name,
+            "ddb.UpdateTimeToLive",
+            clients.dynamodb.update_time_to_live,
+            TableName=name,
             TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires_at"},
         )
     except AwsPermanentError as exc:  # already enabled, or a backend without TTL

@@ -152,7 +152,10 @@ class Queue:
 
     async def send(self, body: str) -> str:
         resp = await aws.call(
-            "sqs.SendMessage", self._sqs.send_message, QueueUrl=self.url, MessageBody=body,
+            "sqs.SendMessage",
+            self._sqs.send_message,
+            QueueUrl=self.url,
+            MessageBody=body,
         )
         return str(resp["MessageId"])
 

@@ -31,7 +31,11 @@ def new_message_id() -> str:
 
 
 def ses_headers(
-    mail_id: str, sender: str, recipients: Sequence[str], now: datetime, verdict: str = "PASS",
+    mail_id: str,
+    sender: str,
+    recipients: Sequence[str],
+    now: datetime,
+    verdict: str = "PASS",
 ) -> bytes:
     """The header lines SES prepends to the object it stores."""
     stamp = email.utils.format_datetime(now)
@@ -125,7 +129,11 @@ async def receive_mail(
     key = f"{settings.incoming_prefix}{mail_id}"
     stored = ses_headers(mail_id, sender, recipients, now, verdict) + raw
     await aws.call(
-        "s3.PutObject", clients.s3.put_object, Bucket=settings.bucket, Key=key, Body=stored,
+        "s3.PutObject",
+        clients.s3.put_object,
+        Bucket=settings.bucket,
+        Key=key,
+        Body=stored,
     )
     notification = received_notification(
         mail_id=mail_id,

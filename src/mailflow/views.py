@@ -13,27 +13,65 @@ from rich.table import Table
 
 #: Always present in `--json` output, in this order (null when unknown).
 DELIVERY_FIELDS = (
-    "mail_id", "recipient", "status", "outcome", "attempts", "exit_code", "signal", "reason",
-    "detail", "route", "argv", "subject", "from", "to", "date", "message_id_header",
-    "size_bytes", "bucket", "key", "archived_key", "sender", "received_at", "created_at",
-    "started_at", "finished_at", "updated_at", "next_attempt_at", "lease_owner",
-    "lease_expires_at", "duration_ms", "stdout_tail", "stderr_tail", "verdicts",
-    "parse_defects", "history",
+    "mail_id",
+    "recipient",
+    "status",
+    "outcome",
+    "attempts",
+    "exit_code",
+    "signal",
+    "reason",
+    "detail",
+    "route",
+    "argv",
+    "subject",
+    "from",
+    "to",
+    "date",
+    "message_id_header",
+    "size_bytes",
+    "bucket",
+    "key",
+    "archived_key",
+    "sender",
+    "received_at",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "updated_at",
+    "next_attempt_at",
+    "lease_owner",
+    "lease_expires_at",
+    "duration_ms",
+    "stdout_tail",
+    "stderr_tail",
+    "verdicts",
+    "parse_defects",
+    "history",
 )
 TIME_FIELDS = frozenset(f for f in DELIVERY_FIELDS if f.endswith("_at"))
 
 #: The operators' words (DESIGN §3).
 STATUS_JA = {
-    "received": "未処理", "processing": "未処理", "succeeded": "成功", "failed": "失敗",
-    "retrying": "リトライ", "archived": "保管",
+    "received": "未処理",
+    "processing": "未処理",
+    "succeeded": "成功",
+    "failed": "失敗",
+    "retrying": "リトライ",
+    "archived": "保管",
 }
 
 
 def iso(ts: Any) -> str | None:
     if not isinstance(ts, (int, float)):
         return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z",
+    return (
+        datetime.fromtimestamp(ts, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace(
+            "+00:00",
+            "Z",
+        )
     )
 
 
@@ -59,8 +97,17 @@ def print_json(doc: Any) -> None:
 
 def deliveries_table(records: Iterable[Mapping[str, Any]], title: str = "") -> Table:
     table = Table(title=title or None, show_lines=False)
-    for col in ("mail_id", "recipient", "status", "att", "exit", "reason", "route",
-                "subject", "updated"):
+    for col in (
+        "mail_id",
+        "recipient",
+        "status",
+        "att",
+        "exit",
+        "reason",
+        "route",
+        "subject",
+        "updated",
+    ):
         table.add_column(col, overflow="fold")
     for r in records:
         status = str(r.get("status", ""))

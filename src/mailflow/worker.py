@@ -98,6 +98,12 @@ class Worker:
         self._last_poll_s = clock()
         self.stats: dict[str, int] = {"received": 0, "deleted": 0, "dead_lettered": 0}
 
+    @property
+    def _queue(self) -> Queue:
+        if self.queue is None:
+            raise RuntimeError("Worker.run() resolves the queue first")
+        return self.queue
+
     # --- signals ----------------------------------------------------------------------------
 
     def request_stop(self) -> None:
@@ -129,7 +135,7 @@ class Worker:
         log.info(
             "worker_started",
             worker=self.worker_id,
-            queue=self.queue.url,
+            queue=self._queue.url,
             concurrency=self.s.concurrency,
             transport=self.s.processor_transport,
             routes=[r.name for r in self.s.routes],
@@ -165,8 +171,9 @@ class Worker:
                 remaining = self.s.shutdown_grace_s - (time.monotonic() - started)
                 if remaining <= 0:
                     break
-                await asyncio.wait([*pending, hurry], timeout=remaining,
-                                   return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    [*pending, hurry], timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
         finally:
             hurry.cancel()
         left = [t for t in self._tasks if not t.done()]
@@ -186,15 +193,16 @@ class Worker:
         return self.s.concurrency + self.s.prefetch_limit - len(self._held)
 
     async def _receive_loop(self) -> None:
-        assert self.queue is not None
         while not self.stop.is_set():
             async with self._room:
                 await self._room.wait_for(lambda: self._capacity() > 0 or self.stop.is_set())
             if self.stop.is_set():
                 return
             try:
-                messages = await self.queue.receive(
-                    self._capacity(), self.s.wait_time_s, self.s.visibility_timeout_s,
+                messages = await self._queue.receive(
+                    self._capacity(),
+                    self.s.wait_time_s,
+                    self.s.visibility_timeout_s,
                 )
             except MailflowError as exc:
                 log.warning("receive_failed", error=str(exc))
@@ -216,15 +224,15 @@ class Worker:
     # --- one message ------------------------------------------------------------------------
 
     async def _handle(self, msg: Message) -> None:
-        assert self.queue is not None
         try:
             try:
                 ref = parse_body(msg.body)
                 check_trusted(ref, self.s.allowed_buckets, self.s.incoming_prefix)
             except BadNotificationError as exc:
-                log.warning("dead_letter", message_id=msg.message_id, reason=exc.reason,
-                            detail=exc.detail)
-                await self.queue.dead_letter(msg, exc.reason, exc.detail)
+                log.warning(
+                    "dead_letter", message_id=msg.message_id, reason=exc.reason, detail=exc.detail
+                )
+                await self._queue.dead_letter(msg, exc.reason, exc.detail)
                 self.stats["dead_lettered"] += 1
                 return
             fates = [await self._one_recipient(msg, ref, r) for r in ref.recipients]
@@ -233,12 +241,12 @@ class Worker:
             if self.stop.is_set():
                 # Forced shutdown: hand the message straight back to SQS for another worker.
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(self.queue.set_visibility(msg, 0))
+                    await asyncio.shield(self._queue.set_visibility(msg, 0))
             raise
         except TransientError as exc:
             log.warning("message_transient_failure", message_id=msg.message_id, error=str(exc))
             with contextlib.suppress(Exception):
-                await self.queue.set_visibility(msg, TRANSIENT_PAUSE_S)
+                await self._queue.set_visibility(msg, TRANSIENT_PAUSE_S)
         except Exception:
             # Never crash the worker for one message. It stays in SQS; its receive count grows
             # with each try, and the redrive policy moves it to the DLQ in the end.
@@ -250,12 +258,12 @@ class Worker:
         held = self._held[msg.receipt_handle]
         plan = self.deliverer.plan(ref, recipient)
         if isinstance(plan, Unroutable):
-            return await self.deliverer.record_final(ref, recipient, plan.reason, plan.detail,
-                                                     None)
+            return await self.deliverer.record_final(ref, recipient, plan.reason, plan.detail, None)
         quarantine = self.deliverer.quarantine_reason(ref)
         if quarantine is not None:
-            return await self.deliverer.record_final(ref, recipient, "quarantined", quarantine,
-                                                     plan.route)
+            return await self.deliverer.record_final(
+                ref, recipient, "quarantined", quarantine, plan.route
+            )
         async with self._gate.slot(plan.route, plan.key, plan.max_in_flight_per_key):
             if not await self._acquire_run_slot():
                 return Fate(defer_until_s=self._clock())  # shutting down before we started
@@ -294,18 +302,17 @@ class Worker:
         return False
 
     async def _settle(self, msg: Message, fates: list[Fate]) -> None:
-        assert self.queue is not None
         if all(f.done for f in fates):
-            await self.queue.delete(msg)
+            await self._queue.delete(msg)
             self.stats["deleted"] += 1
             return
         if any(f.transient for f in fates):
-            await self.queue.set_visibility(msg, TRANSIENT_PAUSE_S)
+            await self._queue.set_visibility(msg, TRANSIENT_PAUSE_S)
             return
         now = self._clock()
         until = min(f.defer_until_s for f in fates if f.defer_until_s is not None)
         # A second of slack, so the redelivered copy finds the lease expired / the retry due.
-        await self.queue.set_visibility(msg, max(0.0, until - now) + 1.0)
+        await self._queue.set_visibility(msg, max(0.0, until - now) + 1.0)
 
     # --- leases and heartbeat ---------------------------------------------------------------
 
@@ -320,7 +327,6 @@ class Worker:
             held.leases.pop(key, None)
 
     async def _heartbeat_loop(self) -> None:
-        assert self.queue is not None
         while True:
             await asyncio.sleep(self.s.heartbeat_interval_s)
             try:
@@ -332,18 +338,16 @@ class Worker:
                 log.exception("heartbeat_failed")
 
     async def _beat(self) -> None:
-        assert self.queue is not None
         held = list(self._held.values())
         if not held:
             return
-        failed = await self.queue.extend_batch(
-            [h.message for h in held], self.s.visibility_timeout_s,
+        failed = await self._queue.extend_batch(
+            [h.message for h in held],
+            self.s.visibility_timeout_s,
         )
         if failed:
             log.warning("visibility_extend_failed", message_ids=failed)
-        renewals = [
-            (h, key, token) for h in held for key, token in list(h.leases.items())
-        ]
+        renewals = [(h, key, token) for h in held for key, token in list(h.leases.items())]
         results = await asyncio.gather(
             *(self.ledger.renew(key, token, self.s.lease_s) for _, key, token in renewals),
             return_exceptions=True,
