@@ -82,9 +82,10 @@ function first_text(string $head, string $body, int $depth = 0): ?string {
     $type = header_value($head, 'Content-Type') ?: 'text/plain';
     if ($depth < 10 && preg_match('/^multipart\//i', $type)
         && preg_match('/boundary="?([^";]+)"?/i', $type, $m)) {
-        foreach (explode('--' . $m[1], $body) as $part) {
+        // Index 0 is the preamble ("This is a multi-part message…"): never a part.
+        foreach (array_slice(explode('--' . $m[1], $body), 1) as $part) {
+            if (str_starts_with($part, '--')) { break; }  // the closing delimiter
             [$h, $b] = split_message(ltrim($part, "\n"));
-            if (preg_match('/^--/', $part)) { break; }
             $text = first_text($h, $b, $depth + 1);
             if ($text !== null) { return $text; }
         }

@@ -1,4 +1,4 @@
-# ruff: noqa: INP001  (a script beside its data, not a package)
+
 """Write the sample order mails in this directory: `python examples/mail/make_samples.py`.
 
 The .eml files are committed; this script documents exactly how their bytes were made and

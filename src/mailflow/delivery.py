@@ -133,6 +133,7 @@ class Deliverer:
         key = DeliveryKey(ref.mail_id, recipient)
         fields = self._meta(ref, route) | {
             "outcome": Status.FAILED.value,
+            "subject": ref.subject[:998],  # from SES's commonHeaders: the mail is not fetched
             "reason": reason,
             "detail": detail,
             "expires_at": int(self._clock() + self.s.retention_days * 86400),

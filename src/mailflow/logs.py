@@ -16,6 +16,16 @@ LEVELS = {
 }
 
 
+def _drop_emf(
+    _logger: object,
+    _name: str,
+    event: structlog.typing.EventDict,
+) -> structlog.typing.EventDict:
+    """EMF metrics are for CloudWatch; on a terminal they only bury the outcome."""
+    event.pop("_aws", None)
+    return event
+
+
 def configure(
     log_format: Literal["json", "console", "auto"] = "auto",
     level: str = "info",
@@ -28,6 +38,7 @@ def configure(
     )
     structlog.configure(
         processors=[
+            *([] if as_json else [_drop_emf]),
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
