@@ -132,7 +132,7 @@ def allow(scripts) -> list[list[str]]:
 
 
 @pytest.fixture(scope="module")
-def fpm(tmp_path_factory, allow):
+def fpm(tmp_path_factory, allow, php):
     with running_php_fpm(tmp_path_factory.mktemp("fpm"), allow) as running:
         yield running
 
@@ -527,7 +527,7 @@ def test_address_parsing():
 
 
 @pytest.fixture(scope="module")
-def fpm_unix_short_terminate(tmp_path_factory, allow):
+def fpm_unix_short_terminate(tmp_path_factory, allow, php):
     """A second pool: unix socket, and php-fpm kills requests after 2 s."""
     directory = tmp_path_factory.mktemp("fpm-unix")
     with running_php_fpm(
@@ -570,7 +570,7 @@ def test_php_fpm_killing_the_runner_is_a_transport_error(
 
 
 @pytest.fixture(scope="module")
-def fpm_without_allow_list(tmp_path_factory):
+def fpm_without_allow_list(tmp_path_factory, php):
     with running_php_fpm(tmp_path_factory.mktemp("fpm-empty"), None) as running:
         yield running
 
