@@ -149,10 +149,18 @@ def test_truncated_pairs_are_protocol_errors(data):
         decode_name_value_pairs(data)
 
 
-names_values = st.lists(
-    st.tuples(st.binary(max_size=300), st.binary(max_size=70000)),
-    max_size=6,
+def _pattern(length: int) -> bytes:
+    """Large payloads cheaply: hypothesis draws a length, not every byte."""
+    return (bytes(range(251)) * (length // 251 + 1))[:length]
+
+
+#: Small random bytes, or large patterned ones (past 64 KiB: more than one record).
+payloads = st.one_of(
+    st.binary(max_size=600),
+    st.integers(min_value=0, max_value=200_000).map(_pattern),
 )
+
+names_values = st.lists(st.tuples(st.binary(max_size=300), payloads), max_size=6)
 
 
 @settings(max_examples=60, deadline=None)
@@ -320,7 +328,7 @@ def _chunked(data, cuts):
 streams = st.builds(
     _response_stream,
     request_id=st.integers(min_value=1, max_value=65535),
-    stdout=st.binary(max_size=140_000),
+    stdout=payloads,
     stderr=st.binary(max_size=3000),
     app_status=st.integers(min_value=0, max_value=0xFFFFFFFF),
 )
