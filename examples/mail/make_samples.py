@@ -1,4 +1,3 @@
-
 """Write the sample order mails in this directory: `python examples/mail/make_samples.py`.
 
 The .eml files are committed; this script documents exactly how their bytes were made and
