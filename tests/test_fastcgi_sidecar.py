@@ -354,16 +354,7 @@ def test_sigterm_ignored_means_sigkill_after_grace(processor, scripts, mail, tmp
         kill_quietly(pids)
 
 
-def test_grandchild_left_behind_is_killed(processor, scripts, mail, tmp_path, request):
-    if isinstance(processor, ExecProcessor):
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="ExecProcessor awaits proc.wait(), which in asyncio also waits for the"
-                " pipes to close: a grandchild holding stdout turns exit 0 into timed_out"
-                " (RETRY, the order runs twice). Reported to the lead; processor.py is not ours.",
-            ),
-        )
+def test_grandchild_left_behind_is_killed(processor, scripts, mail, tmp_path):
     pidfile = tmp_path / "gc"
     started = time.monotonic()
     result = run(processor, req(["php", scripts["leaver"], str(pidfile)], mail))

@@ -78,16 +78,35 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
-async def _terminate_group(proc: asyncio.subprocess.Process, grace_s: float) -> None:
+class _ExitAwareProtocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """asyncio's `Process.wait()` returns only once the child's pipes are closed too, so a
+    grandchild that keeps stdout open would turn a clean exit 0 into a timeout (and a second
+    import). This protocol reports the exit itself."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=STREAM_CHUNK_BYTES, loop=loop)
+        self.exited: asyncio.Future[None] = loop.create_future()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
+async def _terminate_group(
+    proc: asyncio.subprocess.Process,
+    exited: asyncio.Future[None],
+    grace_s: float,
+) -> None:
     """SIGTERM to the whole group, then SIGKILL after the grace: grandchildren included."""
     _signal_group(proc.pid, signal.SIGTERM)
     try:
         async with asyncio.timeout(grace_s):
-            await proc.wait()
+            await asyncio.shield(exited)
     except TimeoutError:
         pass
     _signal_group(proc.pid, signal.SIGKILL)
-    await proc.wait()
+    await asyncio.shield(exited)
 
 
 class ExecProcessor:
@@ -96,10 +115,12 @@ class ExecProcessor:
     async def run(self, request: ProcessRequest) -> ProcessResult:
         started = time.monotonic()
         out, err = OutputCapture(request.tail_bytes), OutputCapture(request.tail_bytes)
+        loop = asyncio.get_running_loop()
         try:
             # The child reads the spool file itself: no copy of the mail passes through us.
             with request.stdin_path.open("rb") as stdin:
-                proc = await asyncio.create_subprocess_exec(
+                transport, protocol = await loop.subprocess_exec(
+                    lambda: _ExitAwareProtocol(loop),
                     *request.argv,
                     stdin=stdin,
                     stdout=asyncio.subprocess.PIPE,
@@ -115,19 +136,21 @@ class ExecProcessor:
                 transport_error=f"spawn failed: {exc.strerror or exc}",
                 duration_s=time.monotonic() - started,
             )
+        proc = asyncio.subprocess.Process(transport, protocol, loop)
         pumps = asyncio.gather(_pump(proc.stdout, out), _pump(proc.stderr, err))
         timed_out = False
         try:
             try:
                 async with asyncio.timeout(request.timeout_s):
-                    await proc.wait()
+                    await asyncio.shield(protocol.exited)
             except TimeoutError:
                 timed_out = True
-                await _terminate_group(proc, request.kill_grace_s)
+                await _terminate_group(proc, protocol.exited, request.kill_grace_s)
         except asyncio.CancelledError:
             # Lost lease or forced shutdown: nobody may keep running on our behalf.
-            await asyncio.shield(_terminate_group(proc, request.kill_grace_s))
+            await asyncio.shield(_terminate_group(proc, protocol.exited, request.kill_grace_s))
             pumps.cancel()
+            transport.close()
             raise
         try:
             async with asyncio.timeout(PIPE_DRAIN_S):
@@ -140,7 +163,8 @@ class ExecProcessor:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 async with asyncio.timeout(PIPE_DRAIN_S):
                     await pumps
-        returncode = proc.returncode
+            transport.close()
+        returncode = transport.get_returncode()
         return ProcessResult(
             exit_code=returncode if returncode is not None and returncode >= 0 else None,
             signal=-returncode if returncode is not None and returncode < 0 else None,
