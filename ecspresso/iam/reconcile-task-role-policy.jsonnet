@@ -35,9 +35,11 @@ local document = {
       Resource: [mf.queue_arn],
     },
     {
+      // PutItem: the orphan scan records a mail that never got a notification
+      // (conditional on the item not existing).
       Sid: 'DeliveryLedger',
       Effect: 'Allow',
-      Action: ['dynamodb:GetItem', 'dynamodb:UpdateItem', 'dynamodb:Query'],
+      Action: ['dynamodb:GetItem', 'dynamodb:PutItem', 'dynamodb:UpdateItem', 'dynamodb:Query'],
       Resource: [mf.table_arn, '%s/index/%s' % [mf.table_arn, mf.attention_index]],
     },
   ],
