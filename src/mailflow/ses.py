@@ -8,6 +8,7 @@ incoming prefix with SES's own headers prepended (Return-Path, Received, verdict
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import secrets
@@ -19,6 +20,7 @@ from typing import Any
 from mailflow import aws
 from mailflow.aws import AwsClients
 from mailflow.config import Settings
+from mailflow.errors import MailflowError
 from mailflow.mail import split_head, summarize
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
@@ -147,11 +149,20 @@ async def receive_mail(
         now=now,
         verdict=verdict,
     )
-    await aws.call(
-        "sns.Publish",
-        clients.sns.publish,
-        TopicArn=notification["receipt"]["action"]["topicArn"],
-        Subject="Amazon SES Email Receipt Notification",
-        Message=json.dumps(notification, ensure_ascii=False),
-    )
+    try:
+        await aws.call(
+            "sns.Publish",
+            clients.sns.publish,
+            TopicArn=notification["receipt"]["action"]["topicArn"],
+            Subject="Amazon SES Email Receipt Notification",
+            Message=json.dumps(notification, ensure_ascii=False),
+        )
+    except MailflowError:
+        # The sender is told "try again" (SMTP 451) and will resend under a new id: without
+        # this, the orphan scan would also deliver the unannounced first copy.
+        with contextlib.suppress(MailflowError):
+            await aws.call(
+                "s3.DeleteObject", clients.s3.delete_object, Bucket=settings.bucket, Key=key,
+            )
+        raise
     return mail_id
