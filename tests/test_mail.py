@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hostile_corpus import hostile_mails
-from mailflow import mail
+from mailflow import charsets, mail
 from mailflow.mail import (
     HEAD_BUDGET_BYTES,
     MailSummary,
@@ -614,7 +614,7 @@ def test_header_addresses(head, expected):
 def test_jis_to_microsoft_table_is_complete():
     """The six-entry table is exactly where Python's JIS and CP932 mappings differ."""
     differences = {}
-    table = mail._jis_table()
+    table = charsets._jis_table()
     for c1 in range(0x21, 0x7F):
         for c2 in range(0x21, 0x7F):
             try:
@@ -624,11 +624,11 @@ def test_jis_to_microsoft_table_is_complete():
             microsoft = table[(c1 << 8) | c2]
             if jis != microsoft:
                 differences[ord(jis)] = microsoft
-    assert differences == mail._JIS_TO_MICROSOFT
+    assert differences == charsets._JIS_TO_MICROSOFT
 
 
 def test_generic_charset_table_names_real_codecs():
-    for codec in mail._GENERIC_CODECS.values():
+    for codec in charsets._GENERIC_CODECS.values():
         codecs.lookup(codec)
 
 
@@ -776,4 +776,4 @@ def test_iso2022jp_encoded_word_round_trip(text):
         return  # 髙 and friends: not in JIS X 0208, so not this codec's text
     encoded = Header(text, "iso-2022-jp").encode()
     summary = summarize(b"Subject: " + encoded.encode("ascii") + b"\n\n")
-    assert summary.subject == text.translate(mail._JIS_TO_MICROSOFT).strip(" ")
+    assert summary.subject == text.translate(charsets._JIS_TO_MICROSOFT).strip(" ")
