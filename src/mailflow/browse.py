@@ -8,6 +8,7 @@ import time
 from datetime import datetime
 from typing import Any
 
+from mailflow.archive import describe_location, locate
 from mailflow.aws import open_clients
 from mailflow.config import Settings
 from mailflow.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
@@ -75,12 +76,16 @@ async def list_deliveries(args: argparse.Namespace, settings: Settings) -> int:
 async def show_mail(args: argparse.Namespace, settings: Settings) -> int:
     async with open_clients() as clients:
         records = await Ledger(clients.dynamodb, settings.table).get_mail(args.mail_id)
+        # Where the object is now: HEAD of the original key and of the archived key.
+        where = await locate(clients.s3, settings, records) if records else None
     if args.json:
-        print_json([delivery_json(r) for r in records])
+        print_json([delivery_json(r) | {"object": where} for r in records])
     else:
         for record in records:
             print_record(record)
             print()  # noqa: T201
+        if where is not None:
+            print(describe_location(where))  # noqa: T201
     if not records:
         if not args.json:
             print(f"mailflow show: no deliveries for mail {args.mail_id}")  # noqa: T201

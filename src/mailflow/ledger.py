@@ -17,6 +17,7 @@ Delivery semantics, in one place:
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import time
 from collections.abc import Callable, Mapping
@@ -381,10 +382,11 @@ class Ledger:
         limit: int = 100,
     ) -> list[dict[str, Any]]:
         """Items in `status` (not archived) from the sparse index, oldest first."""
-        names = {"#attn": "attn", "#at": "attn_at"}
+        names = {"#attn": "attn"}  # DynamoDB refuses names the expression does not use
         values: dict[str, Any] = {":s": {"S": status.value}}
         cond = "#attn = :s"
         if before_s is not None:
+            names["#at"] = "attn_at"
             cond += " AND #at <= :t"
             values[":t"] = _ser.serialize(_to_dynamo(before_s))
         items: list[dict[str, Any]] = []
@@ -415,6 +417,209 @@ class Ledger:
                 break
             kwargs["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
         return items[:limit]
+
+    # --- the reconciler's and the operator's guarded writes (reconcile.py, ops.py) ----------
+
+    async def lock_mail(self, key: DeliveryKey, owner: str, hold_s: float) -> bool:
+        """Take the per-mail lock shared by archive moves and operator retries. It lives on
+        one existing delivery of the mail (callers pick the lowest recipient) and expires, so
+        a crashed holder blocks nobody for long. Re-entrant for the same owner."""
+        now = self._clock()
+        upd = _Update()
+        upd.set("mail_lock", owner)
+        upd.set("mail_lock_until", now + hold_s)
+        upd.names["#mail_id"] = "mail_id"
+        lock, until = upd.name("mail_lock"), upd.name("mail_lock_until")
+        condition = (
+            f"attribute_exists(#mail_id) AND (attribute_not_exists({until})"
+            f" OR {until} < {upd.value('now', now)} OR {lock} = {upd.value('owner', owner)})"
+        )
+        try:
+            await self._update("ddb.lock_mail", key, upd, condition)
+        except ConditionFailedError:
+            return False
+        return True
+
+    async def unlock_mail(self, key: DeliveryKey, owner: str) -> None:
+        upd = _Update()
+        upd.remove("mail_lock")
+        upd.remove("mail_lock_until")
+        condition = f"{upd.name('mail_lock')} = {upd.value('owner', owner)}"
+        with contextlib.suppress(ConditionFailedError):  # expired and taken over: not ours
+            await self._update("ddb.unlock_mail", key, upd, condition)
+
+    async def create_received(self, key: DeliveryKey, fields: Mapping[str, Any]) -> bool:
+        """A `received` delivery for a mail found without records (a lost notification);
+        False if any record for this key exists."""
+        now = self._clock()
+        item = {
+            "created_at": now,
+            **fields,
+            "mail_id": key.mail_id,
+            "recipient": key.recipient,
+            "status": Status.RECEIVED.value,
+            "updated_at": now,
+            "attn": Status.RECEIVED.value,
+            "attn_at": now,
+        }
+        try:
+            await aws.call(
+                "ddb.PutItem",
+                self._ddb.put_item,
+                TableName=self.table,
+                Item=serialize(item),
+                ConditionExpression="attribute_not_exists(mail_id)",
+            )
+        except ConditionFailedError:
+            return False
+        return True
+
+    def _stale_guard(self, upd: _Update, expect: Status, seen_requeues: int, now: float) -> str:
+        """Still as the reconciler saw it: same status, no requeue since, lease/retry due."""
+        count = upd.name("requeue_count")
+        cond = f"{upd.name('status')} = {upd.value('expect', expect.value)} AND " + (
+            f"{count} = {upd.value('seen', seen_requeues)}"
+            if seen_requeues
+            else f"attribute_not_exists({count})"
+        )
+        if expect is Status.PROCESSING:
+            cond += f" AND {upd.name('lease_expires_at')} < {upd.value('guard_now', now)}"
+        elif expect is Status.RETRYING:
+            cond += f" AND {upd.name('next_attempt_at')} <= {upd.value('guard_now', now)}"
+        return cond
+
+    async def mark_requeued(
+        self,
+        key: DeliveryKey,
+        *,
+        expect: Status,
+        seen_requeues: int,
+        recheck_at: float,
+    ) -> dict[str, Any] | None:
+        """Record a re-enqueue; None if another reconciler (or a worker) got there first.
+        `attn_at` moves to `recheck_at`, so the index does not offer the item again before."""
+        now = self._clock()
+        upd = _Update()
+        upd.set("requeued_at", now)
+        upd.set("requeue_count", seen_requeues + 1)
+        upd.set("attn_at", recheck_at)
+        try:
+            return await self._update(
+                "ddb.mark_requeued",
+                key,
+                upd,
+                self._stale_guard(upd, expect, seen_requeues, now),
+            )
+        except ConditionFailedError:
+            return None
+
+    async def fail_stale(
+        self,
+        key: DeliveryKey,
+        *,
+        expect: Status,
+        seen_requeues: int,
+        fields: Mapping[str, Any],
+        entry: Mapping[str, Any],
+    ) -> dict[str, Any] | None:
+        """Unclaimed or abandoned work that cannot run (its object is gone): `failed`."""
+        now = self._clock()
+        upd = _Update()
+        values = {
+            **fields,
+            "status": Status.FAILED.value,
+            "outcome": Status.FAILED.value,
+            "finished_at": now,
+            "updated_at": now,
+            "attn": Status.FAILED.value,
+            "attn_at": now,
+        }
+        for attr, value in values.items():
+            upd.set(attr, value)
+        for attr in ("lease_owner", "lease_expires_at", "next_attempt_at"):
+            upd.remove(attr)
+        history = upd.name("history")
+        upd.sets.append(
+            f"{history} = list_append(if_not_exists({history}, {upd.value('empty', [])}),"
+            f" {upd.value('entry', [dict(entry)])})",
+        )
+        try:
+            return await self._update(
+                "ddb.fail_stale",
+                key,
+                upd,
+                self._stale_guard(upd, expect, seen_requeues, now),
+            )
+        except ConditionFailedError:
+            return None
+
+    async def reopen(
+        self,
+        key: DeliveryKey,
+        *,
+        expect: tuple[Status, ...],
+        fields: Mapping[str, Any],
+        entry: Mapping[str, Any],
+    ) -> dict[str, Any] | None:
+        """Operator retry: a finished delivery back to `retrying`, due now, `attempts` from
+        zero so max_attempts applies afresh; the history is kept and gains `entry`."""
+        now = self._clock()
+        upd = _Update()
+        values = {
+            "status": Status.RETRYING.value,
+            "attempts": 0,
+            "next_attempt_at": now,
+            "updated_at": now,
+            "attn": Status.RETRYING.value,
+            "attn_at": now,
+        }
+        for attr, value in {**fields, **values}.items():
+            if value is None:
+                upd.remove(attr)
+            else:
+                upd.set(attr, value)
+        history = upd.name("history")
+        upd.sets.append(
+            f"{history} = list_append(if_not_exists({history}, {upd.value('empty', [])}),"
+            f" {upd.value('entry', [dict(entry)])})",
+        )
+        st = upd.name("status")
+        condition = " OR ".join(
+            f"{st} = {upd.value(f'expect{i}', s.value)}" for i, s in enumerate(expect)
+        )
+        try:
+            return await self._update("ddb.reopen", key, upd, f"({condition})")
+        except ConditionFailedError:
+            return None
+
+    async def attention_stats(
+        self,
+        status: Status,
+        limit: int = 100_000,
+    ) -> tuple[int, dict[str, Any] | None]:
+        """(count, the delivery received longest ago) of one non-archived status, read from
+        the sparse index with a small projection."""
+        kwargs: dict[str, Any] = {
+            "TableName": self.table,
+            "IndexName": ATTENTION_INDEX,
+            "KeyConditionExpression": "#attn = :s",
+            "ProjectionExpression": "mail_id, recipient, received_at, created_at",
+            "ExpressionAttributeNames": {"#attn": "attn"},
+            "ExpressionAttributeValues": {":s": {"S": status.value}},
+        }
+        count, oldest, oldest_at = 0, None, float("inf")
+        while count < limit:
+            resp = await aws.call("ddb.Query", self._ddb.query, **kwargs)
+            for raw in resp.get("Items", []):
+                item = deserialize(raw)
+                count += 1
+                at = float(item.get("received_at") or item.get("created_at") or oldest_at)
+                if at < oldest_at:
+                    oldest, oldest_at = item, at
+            if "LastEvaluatedKey" not in resp:
+                break
+            kwargs["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
+        return count, oldest
 
 
 def _busy(old: dict[str, Any], now: float) -> Busy:

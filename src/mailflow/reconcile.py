@@ -1,0 +1,471 @@
+"""`mailflow reconcile`: one bounded pass over what the worker cannot see by itself.
+
+Three phases, in this order, each at most `limit` items:
+- orphans: objects under the incoming prefix older than `orphan_age_s` with no record (the
+  notification was lost). The envelope recipients come from the stored mail (SES's top
+  `Received: ... for <addr>`, else the To/Cc addresses a route takes); the deliveries are
+  created `received` and a synthetic notification is queued. No recipient: one `failed`
+  delivery for `unknown` (reason `orphan_no_recipient`), so it shows and gets archived.
+- requeue: `received` never claimed, `retrying` past due, `processing` with an expired lease,
+  each older than `grace_s` (so the worker's own deferred SQS message gets its chance first):
+  if the object is still there, mark the delivery requeued (conditional: one reconciler wins)
+  and queue a synthetic notification; if it is gone, the delivery fails `object_missing`.
+  A requeued delivery moves down the attention index by `requeue_every_s`.
+- archive: mails whose deliveries are all terminal (see archive.py).
+
+Two reconcilers at once are safe: every write is conditional, archive moves take a per-mail
+lock. `dry_run` reads everything and writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from typing import Any, Protocol
+
+import structlog
+
+from mailflow import aws
+from mailflow.archive import Archiver
+from mailflow.aws import AwsClients
+from mailflow.config import Settings
+from mailflow.errors import MailflowError
+from mailflow.ledger import DeliveryKey, Ledger, Status, history_entry
+from mailflow.mail import HEAD_BUDGET_BYTES, header_addresses, received_for, split_head
+from mailflow.notification import synthetic_notification
+from mailflow.queue import Queue
+from mailflow.routing import DeliveryPlan, normalize_recipient, plan_delivery
+from mailflow.store import Location, head
+from mailflow.views import iso
+
+log = structlog.get_logger("mailflow.reconcile")
+
+PHASES = ("orphans", "requeue", "archive")
+#: Recipients recovered from To/Cc per orphan, at most (a mail may carry a long Cc list).
+MAX_ORPHAN_RECIPIENTS = 50
+#: Pages of the incoming listing per pass (1000 keys each).
+MAX_LIST_PAGES = 20
+UNKNOWN_RECIPIENT = "unknown"
+
+_RETURN_PATH = re.compile(r"^Return-Path:[ \t]*<([^<>\r\n]*)>", re.IGNORECASE | re.MULTILINE)
+_SES_VERDICT = re.compile(r"^X-SES-(Spam|Virus)-Verdict:[ \t]*(\w+)", re.IGNORECASE | re.MULTILINE)
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    limit: int = 100
+    dry_run: bool = False
+    grace_s: float = 60.0
+    requeue_every_s: float = 300.0
+    archive_grace_s: float = 60.0
+    orphan_age_s: float | None = None  # None: the setting MAILFLOW_ORPHAN_AGE_S
+    phases: tuple[str, ...] = PHASES
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    phase: str  # orphans | requeue | archive
+    what: str  # processed|failed|quarantine | requeued|object_missing | recovered|no_recipient
+    result: str  # done | would | skipped | error
+    mail_id: str
+    recipient: str | None = None
+    dest: str | None = None
+    detail: str = ""
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class PassReport:
+    dry_run: bool
+    started_at: float
+    duration_s: float = 0.0
+    actions: list[Action] = field(default_factory=list)
+
+    def count(self, what: str | None = None, result: str | None = None) -> int:
+        want = result or ("would" if self.dry_run else "done")
+        return sum(1 for a in self.actions if (what is None or a.what == what) and a.result == want)
+
+    @property
+    def errors(self) -> int:
+        return self.count(result="error")
+
+    def counts(self) -> dict[str, Any]:
+        return {
+            "archived": {k: self.count(k) for k in ("processed", "failed", "quarantine")},
+            "requeued": self.count("requeued"),
+            "object_missing": self.count("object_missing"),
+            "orphans_recovered": self.count("recovered"),
+            "orphans_no_recipient": self.count("no_recipient"),
+            "skipped": self.count(result="skipped"),
+            "errors": self.errors,
+        }
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "started_at": iso(self.started_at),
+            "duration_ms": round(self.duration_s * 1000, 1),
+            "counts": self.counts(),
+            "actions": [a.as_json() for a in self.actions],
+        }
+
+    def summary_line(self) -> str:
+        c = self.counts()
+        archived = c["archived"]
+        verb = "would " if self.dry_run else ""
+        return (
+            f"reconcile{' (dry run)' if self.dry_run else ''}: {verb}archive"
+            f" {sum(archived.values())} (processed {archived['processed']},"
+            f" failed {archived['failed']}, quarantine {archived['quarantine']}),"
+            f" {verb}requeue {c['requeued']}, object_missing {c['object_missing']},"
+            f" orphans {c['orphans_recovered']} (+{c['orphans_no_recipient']} without"
+            f" recipient); skipped {c['skipped']}, errors {c['errors']}"
+            f" in {self.duration_s:.2f}s"
+        )
+
+
+class Tracker(Protocol):
+    """Progress of a pass (a rich progress bar on a TTY; nothing otherwise)."""
+
+    def phase(self, name: str, total: int) -> None: ...
+    def advance(self) -> None: ...
+
+
+class NullTracker:
+    def phase(self, name: str, total: int) -> None:
+        pass
+
+    def advance(self) -> None:
+        pass
+
+
+def new_owner() -> str:
+    return f"reconcile:{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
+
+
+def requeue_body(
+    *,
+    mail_id: str,
+    where: Location,
+    recipients: Sequence[str],
+    sender: str,
+    received_at_s: float | None,
+    reason: str,
+    verdicts: dict[str, str] | None = None,
+) -> str:
+    """A synthetic SES notification, carrying the stored verdicts so quarantine still holds."""
+    doc = synthetic_notification(
+        mail_id=mail_id,
+        bucket=where.bucket,
+        key=where.key,
+        recipients=list(recipients),
+        sender=sender,
+        received_at=iso(received_at_s) or "",
+        reason=reason,
+    )
+    for name, status in (verdicts or {}).items():
+        doc["receipt"][f"{name}Verdict"] = {"status": status}
+    return json.dumps(doc, ensure_ascii=False)
+
+
+def orphan_recipients(head_bytes: bytes, settings: Settings) -> tuple[list[str], str]:
+    """(recipients, where they came from) for an orphan mail's header block."""
+    envelope = received_for(head_bytes)
+    if envelope:
+        return envelope[:MAX_ORPHAN_RECIPIENTS], "received_header"
+    routed = [
+        a
+        for a in header_addresses(head_bytes)
+        if isinstance(plan_delivery(settings.routes, a, sender="", mail_id="orphan"), DeliveryPlan)
+    ]
+    return routed[:MAX_ORPHAN_RECIPIENTS], "to_cc_headers"
+
+
+def orphan_envelope(head_bytes: bytes) -> tuple[str, dict[str, str]]:
+    """(sender from Return-Path, SES verdicts from X-SES-*-Verdict) of a stored mail."""
+    text = head_bytes.decode("latin-1")
+    found = _RETURN_PATH.search(text)
+    verdicts: dict[str, str] = {}
+    for name, status in _SES_VERDICT.findall(text):
+        verdicts.setdefault(name.lower(), status.upper())  # the first (SES's own) wins
+    return (found.group(1).strip() if found else ""), verdicts
+
+
+class Reconciler:
+    def __init__(
+        self,
+        settings: Settings,
+        clients: AwsClients,
+        queue: Queue,
+        options: Options,
+        *,
+        owner: str | None = None,
+        tracker: Tracker | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.s = settings
+        self.clients = clients
+        self.queue = queue
+        self.o = options
+        self.owner = owner or new_owner()
+        self.tracker = tracker or NullTracker()
+        self.should_stop = should_stop
+        self._clock = clock
+        self.ledger = Ledger(clients.dynamodb, settings.table, clock=clock)
+        self.archiver = Archiver(
+            settings,
+            clients.s3,
+            self.ledger,
+            owner=self.owner,
+            grace_s=options.archive_grace_s,
+            clock=clock,
+        )
+
+    async def run_pass(self) -> PassReport:
+        report = PassReport(dry_run=self.o.dry_run, started_at=self._clock())
+        steps = {"orphans": self._orphans, "requeue": self._requeue, "archive": self._archive}
+        for phase in PHASES:
+            if phase in self.o.phases and not self.should_stop():
+                report.actions.extend(await steps[phase]())
+        report.duration_s = self._clock() - report.started_at
+        log.info("reconcile_pass", dry_run=self.o.dry_run, **report.counts())
+        return report
+
+    async def _each(
+        self, phase: str, items: Sequence[Any], one: Callable[[Any], Any]
+    ) -> list[Action]:
+        """Run `one` per item; a backend failure on one item is reported, not fatal."""
+        self.tracker.phase(phase, len(items))
+        out: list[Action] = []
+        for item in items:
+            if self.should_stop():
+                break
+            try:
+                out.append(await one(item))
+            except MailflowError as exc:
+                mail_id = item if isinstance(item, str) else str(item.get("mail_id", "?"))
+                log.warning("reconcile_error", phase=phase, mail_id=mail_id, error=str(exc))
+                out.append(Action(phase, phase, "error", mail_id, detail=str(exc)[:500]))
+            self.tracker.advance()
+        return out
+
+    # --- archive ----------------------------------------------------------------------------
+
+    async def _archive(self) -> list[Action]:
+        before = self._clock() - self.o.archive_grace_s
+        mail_ids: dict[str, None] = {}
+        for status in (Status.SUCCEEDED, Status.FAILED):
+            found = await self.ledger.needing_attention(status, before_s=before, limit=self.o.limit)
+            mail_ids.update((str(r["mail_id"]), None) for r in found)
+        return await self._each("archive", list(mail_ids)[: self.o.limit], self._archive_one)
+
+    async def _archive_one(self, mail_id: str) -> Action:
+        done = await self.archiver.archive_mail(mail_id, dry_run=self.o.dry_run)
+        dest = done.destination
+        url = dest.where.url if dest else None
+        return Action(
+            "archive", dest.kind if dest else "-", done.result, mail_id, None, url, done.detail
+        )
+
+    # --- requeue ----------------------------------------------------------------------------
+
+    async def _requeue(self) -> list[Action]:
+        before = self._clock() - self.o.grace_s
+        items: list[dict[str, Any]] = []
+        for status in (Status.RECEIVED, Status.RETRYING, Status.PROCESSING):
+            if (left := self.o.limit - len(items)) > 0:
+                found = await self.ledger.needing_attention(status, before_s=before, limit=left)
+                items.extend(r for r in found if _stale(r, before))
+        return await self._each("requeue", items, self._requeue_one)
+
+    async def _requeue_one(self, record: dict[str, Any]) -> Action:
+        status = Status(record["status"])
+        key = DeliveryKey(str(record["mail_id"]), str(record["recipient"]))
+        where = Location(
+            str(record.get("bucket") or self.s.bucket),
+            str(record.get("key") or f"{self.s.incoming_prefix}{key.mail_id}"),
+        )
+        seen = int(record.get("requeue_count") or 0)
+        gone = await head(self.clients.s3, where) is None
+        act = partial(
+            Action,
+            "requeue",
+            "object_missing" if gone else "requeued",
+            mail_id=key.mail_id,
+            recipient=key.recipient,
+            dest=where.url,
+        )
+        if self.o.dry_run:
+            return act("would", detail=f"{status.value}, object {'gone' if gone else 'there'}")
+        if gone:
+            now = self._clock()
+            entry = history_entry(
+                attempt=int(record.get("attempts") or 0),
+                worker=self.owner,
+                started_at=now,
+                finished_at=now,
+                status=Status.FAILED,
+                reason="object_missing",
+                exit_code=None,
+                stderr_tail="",
+            )
+            fields = {
+                "reason": "object_missing",
+                "detail": f"{where.url} not found",
+                "expires_at": int(now + self.s.retention_days * 86400),
+            }
+            failed = await self.ledger.fail_stale(
+                key, expect=status, seen_requeues=seen, fields=fields, entry=entry
+            )
+            return act("done" if failed else "skipped", detail=f"was {status.value}")
+        recheck_at = self._clock() + self.o.requeue_every_s
+        if not await self.ledger.mark_requeued(
+            key, expect=status, seen_requeues=seen, recheck_at=recheck_at
+        ):
+            return act("skipped", detail="changed meanwhile (claimed, or requeued by another)")
+        await self.queue.send(
+            requeue_body(
+                mail_id=key.mail_id,
+                where=where,
+                recipients=[key.recipient],
+                sender=str(record.get("sender") or ""),
+                received_at_s=record.get("received_at") or record.get("created_at"),
+                reason=f"reconcile_{status.value}",
+                verdicts=record.get("verdicts"),
+            )
+        )
+        log.info("requeued", mail_id=key.mail_id, recipient=key.recipient, was=status.value)
+        return act("done", detail=f"was {status.value}")
+
+    # --- orphans ----------------------------------------------------------------------------
+
+    async def _orphans(self) -> list[Action]:
+        age_s = self.s.orphan_age_s if self.o.orphan_age_s is None else self.o.orphan_age_s
+        cutoff = self._clock() - age_s
+        prefix = self.s.incoming_prefix
+        kwargs: dict[str, Any] = {"Bucket": self.s.bucket, "Prefix": prefix, "MaxKeys": 1000}
+        old: list[dict[str, Any]] = []
+        for _ in range(MAX_LIST_PAGES):
+            resp = await aws.call("s3.ListObjectsV2", self.clients.s3.list_objects_v2, **kwargs)
+            for obj in resp.get("Contents", []):
+                mail_id = str(obj["Key"]).removeprefix(prefix)
+                if mail_id and "/" not in mail_id and obj["LastModified"].timestamp() <= cutoff:
+                    old.append(obj)
+            if not resp.get("IsTruncated"):
+                break
+            kwargs["ContinuationToken"] = resp["NextContinuationToken"]
+        orphans: list[dict[str, Any]] = []
+        for obj in old:  # the ledger is asked only about old objects, and only until `limit`
+            if len(orphans) >= self.o.limit or self.should_stop():
+                break
+            if not await self.ledger.get_mail(str(obj["Key"]).removeprefix(prefix)):
+                orphans.append(obj)
+        return await self._each("orphans", orphans, self._orphan_one)
+
+    async def _orphan_one(self, obj: dict[str, Any]) -> Action:
+        where = Location(self.s.bucket, str(obj["Key"]))
+        mail_id = where.key.removeprefix(self.s.incoming_prefix)
+        resp = await aws.call(
+            "s3.GetObject",
+            self.clients.s3.get_object,
+            Bucket=where.bucket,
+            Key=where.key,
+            Range=f"bytes=0-{HEAD_BUDGET_BYTES - 1}",
+        )
+        body = resp["Body"]
+        try:
+            head_bytes = split_head(await body.read())
+        finally:
+            body.close()
+        recipients, found_in = orphan_recipients(head_bytes, self.s)
+        sender, verdicts = orphan_envelope(head_bytes)
+        received_at = obj["LastModified"].timestamp()
+        fields: dict[str, Any] = {
+            "bucket": where.bucket,
+            "key": where.key,
+            "sender": sender,
+            "received_at": received_at,
+            "size_bytes": int(obj.get("Size", 0)),
+            "verdicts": verdicts,
+            "recovered_by": "reconcile_orphan",
+            "recipients_from": found_in,
+        }
+        if not recipients:
+            return await self._orphan_unknown(mail_id, where, fields)
+        recipients = [normalize_recipient(r) for r in recipients]
+        act = partial(Action, "orphans", "recovered", mail_id=mail_id, dest=where.url)
+        if self.o.dry_run:
+            return act("would", recipient=",".join(recipients), detail=f"from {found_in}")
+        created = [
+            r
+            for r in recipients
+            if await self.ledger.create_received(DeliveryKey(mail_id, r), fields)
+        ]
+        if not created:
+            return act(
+                "skipped",
+                recipient=",".join(recipients),
+                detail="records exist now (another reconciler, or the worker)",
+            )
+        await self.queue.send(
+            requeue_body(
+                mail_id=mail_id,
+                where=where,
+                recipients=created,
+                sender=sender,
+                received_at_s=received_at,
+                reason="reconcile_orphan",
+                verdicts=verdicts,
+            )
+        )
+        log.info("orphan_recovered", mail_id=mail_id, recipients=created, found_in=found_in)
+        return act("done", recipient=",".join(created), detail=f"from {found_in}")
+
+    async def _orphan_unknown(
+        self, mail_id: str, where: Location, fields: dict[str, Any]
+    ) -> Action:
+        detail = "no envelope recipient in Received:, no routable To/Cc address"
+        act = partial(
+            Action,
+            "orphans",
+            "no_recipient",
+            mail_id=mail_id,
+            recipient=UNKNOWN_RECIPIENT,
+            dest=where.url,
+            detail=detail,
+        )
+        if self.o.dry_run:
+            return act("would")
+        expires_at = int(self._clock() + self.s.retention_days * 86400)
+        created = await self.ledger.record_without_claim(
+            DeliveryKey(mail_id, UNKNOWN_RECIPIENT),
+            Status.FAILED,
+            fields
+            | {
+                "outcome": Status.FAILED.value,
+                "reason": "orphan_no_recipient",
+                "detail": detail,
+                "expires_at": expires_at,
+            },
+        )
+        log.warning("orphan_without_recipient", mail_id=mail_id, key=where.key)
+        return act("done" if created else "skipped")
+
+
+def _stale(record: dict[str, Any], before: float) -> bool:
+    """Double-check of what the index said: the retry is due, the lease expired."""
+    status = record.get("status")
+    if status == Status.RETRYING:
+        return float(record.get("next_attempt_at") or 0) <= before
+    if status == Status.PROCESSING:
+        return float(record.get("lease_expires_at") or 0) <= before
+    return status == Status.RECEIVED

@@ -1,0 +1,366 @@
+"""The reconciler against the moto server: archive moves, re-enqueue, orphans, races."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+
+import pytest
+
+from conftest import SIMPLE_MAIL, Env, all_terminal, require_binary, run_worker_until
+from mailflow.aws import AwsClients, open_clients
+from mailflow.ledger import DeliveryKey, Ledger, Status
+from mailflow.queue import Queue
+from mailflow.reconcile import Options, PassReport, Reconciler
+from mailflow.ses import new_message_id, ses_headers
+
+NOW_OPTIONS = Options(grace_s=0, archive_grace_s=0, orphan_age_s=0)
+
+
+@pytest.fixture(autouse=True)
+def _php() -> None:
+    require_binary("php")
+
+
+def mail_to(*to: str) -> bytes:
+    return (
+        b"From: Shop <shop@example.com>\r\nTo: " + ", ".join(to).encode()
+        + b"\r\nSubject: order\r\nMessage-ID: <r@example.com>\r\n\r\nbody\r\n"
+    )  # fmt: skip
+
+
+async def reconcile(env: Env, clients: AwsClients, options: Options = NOW_OPTIONS) -> PassReport:
+    queue = await Queue.resolve(clients.sqs, env.settings.queue, env.settings.dlq)
+    return await Reconciler(env.settings, clients, queue, options).run_pass()
+
+
+def cli_env(env: Env, **extra: str) -> dict[str, str]:
+    s = env.settings
+    return {
+        **os.environ,
+        "MAILFLOW_BUCKET": s.bucket, "MAILFLOW_TOPIC": s.topic, "MAILFLOW_QUEUE": s.queue,
+        "MAILFLOW_TABLE": s.table, "MAILFLOW_LOG_FORMAT": "json",
+        "MAILFLOW_ROUTES": json.dumps([r.model_dump() for r in s.routes]),
+        **extra,
+    }  # fmt: skip
+
+
+def obj(env: Env, key: str) -> bytes | None:
+    try:
+        return env.boto("s3").get_object(Bucket=env.settings.bucket, Key=key)["Body"].read()
+    except env.boto("s3").exceptions.NoSuchKey:
+        return None
+
+
+def put_orphan(env: Env, raw: bytes, recipients: list[str]) -> str:
+    """What SES stores when its notification is then lost: the object, and nothing else."""
+    mail_id = new_message_id()
+    stored = ses_headers(mail_id, "shop@example.com", recipients, datetime.now(UTC)) + raw
+    env.boto("s3").put_object(
+        Bucket=env.settings.bucket,
+        Key=f"{env.settings.incoming_prefix}{mail_id}",
+        Body=stored,
+    )
+    return mail_id
+
+
+async def finished_mails(env: Env, clients: AwsClients) -> dict[str, str]:
+    """ok → succeeded, exit1 → failed, info@ → unroutable, virus FAIL → quarantined."""
+    mails = {
+        "processed": await env.send(clients, SIMPLE_MAIL, ["ok-001@orders.example.com"]),
+        "failed": await env.send(clients, SIMPLE_MAIL, ["exit1-002@orders.example.com"]),
+        "unroutable": await env.send(clients, mail_to("info@orders.example.com"),
+                                     ["info@orders.example.com"]),
+        "quarantine": await env.send(clients, SIMPLE_MAIL, ["ok-003@orders.example.com"],
+                                     verdict="FAIL"),
+    }  # fmt: skip
+    await run_worker_until(env.settings, clients, all_terminal(env, list(mails.values())))
+    return mails
+
+
+EXPECTED_PREFIX = {"processed": "processed/", "failed": "failed/", "unroutable": "failed/",
+                   "quarantine": "quarantine/"}  # fmt: skip
+
+
+def check_archived_once(env: Env, mails: dict[str, str], originals: dict[str, bytes]) -> None:
+    async def scenario() -> None:
+        async with open_clients() as clients:
+            ledger = Ledger(clients.dynamodb, env.settings.table)
+            for name, mail_id in mails.items():
+                dest = EXPECTED_PREFIX[name] + mail_id
+                assert obj(env, dest) == originals[name], name  # byte-identical
+                assert obj(env, f"incoming/{mail_id}") is None, name
+                head = env.boto("s3").head_object(Bucket=env.settings.bucket, Key=dest)
+                assert head["Metadata"]["mailflow-mail-id"] == mail_id
+                expected = {"processed": "succeeded", "quarantine": "quarantined"}.get(
+                    name, "failed"
+                )
+                assert head["Metadata"]["mailflow-outcome"] == expected
+                for rec in await ledger.get_mail(mail_id):
+                    assert rec["status"] == "archived", (name, rec["status"])
+                    assert rec["archived_key"] == dest
+                    assert rec["archived_bucket"] == env.settings.bucket
+                    assert rec["outcome"] == ("succeeded" if name == "processed" else "failed")
+                    assert "attn" not in rec
+            for status in (Status.SUCCEEDED, Status.FAILED):
+                assert await ledger.needing_attention(status) == []
+
+    asyncio.run(scenario())
+
+
+def test_two_racing_passes_archive_each_mail_exactly_once(env: Env) -> None:
+    async def scenario() -> tuple[dict[str, str], dict[str, bytes], list[PassReport]]:
+        async with open_clients() as clients:
+            mails = await finished_mails(env, clients)
+            originals = {n: obj(env, f"incoming/{m}") or b"" for n, m in mails.items()}
+            only_archive = Options(archive_grace_s=0, phases=("archive",))
+            reports = await asyncio.gather(
+                reconcile(env, clients, only_archive), reconcile(env, clients, only_archive)
+            )
+            again = await reconcile(env, clients, only_archive)  # nothing left to do
+            assert again.counts()["archived"] == {"processed": 0, "failed": 0, "quarantine": 0}
+            return mails, originals, list(reports)
+
+    mails, originals, reports = asyncio.run(scenario())
+    done = [a for r in reports for a in r.actions if a.result == "done"]
+    assert sorted(a.mail_id for a in done) == sorted(mails.values())  # each once, no doubles
+    assert not [a for r in reports for a in r.actions if a.result == "error"]
+    kinds = {a.mail_id: a.what for a in done}
+    assert kinds[mails["processed"]] == "processed"
+    assert kinds[mails["unroutable"]] == "failed"
+    assert kinds[mails["quarantine"]] == "quarantine"
+    check_archived_once(env, mails, originals)
+
+
+def test_two_reconcile_processes_at_once_dry_run_first(env: Env) -> None:
+    async def scenario() -> dict[str, str]:
+        async with open_clients() as clients:
+            return await finished_mails(env, clients)
+
+    mails = asyncio.run(scenario())
+    originals = {n: obj(env, f"incoming/{m}") or b"" for n, m in mails.items()}
+    base = [sys.executable, "-m", "mailflow.cli", "reconcile", "--json", "--archive-grace", "0"]
+    dry = subprocess.run(
+        [*base, "--dry-run"],
+        env=cli_env(env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert dry.returncode == 0, dry.stderr
+    planned = json.loads(dry.stdout)
+    assert planned["dry_run"] is True
+    assert sum(planned["counts"]["archived"].values()) == len(mails)
+    assert {a["result"] for a in planned["actions"]} == {"would"}
+    assert all(obj(env, f"incoming/{m}") is not None for m in mails.values())  # nothing moved
+
+    procs = [
+        subprocess.Popen(
+            base, env=cli_env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e for _, e in outs]
+    docs = [json.loads(out) for out, _ in outs]
+    archived = [
+        a["mail_id"]
+        for d in docs
+        for a in d["actions"]
+        if a["phase"] == "archive" and a["result"] == "done"
+    ]
+    assert sorted(archived) == sorted(mails.values())
+    assert sum(sum(d["counts"]["archived"].values()) for d in docs) == len(mails)
+    check_archived_once(env, mails, originals)
+
+
+def test_orphan_objects_are_recovered_and_delivered(env: Env) -> None:
+    single = put_orphan(env, SIMPLE_MAIL, ["ok-011@orders.example.com"])
+    # Two envelope recipients: SES writes no `for` clause, so To/Cc (filtered by route) count.
+    double = put_orphan(
+        env,
+        mail_to("ok-012@orders.example.com", "someone@example.org", "ok-013@orders.example.com"),
+        ["ok-012@orders.example.com", "ok-013@orders.example.com"],
+    )
+    nobody = put_orphan(env, mail_to("someone@example.org"), ["a@x.example", "b@x.example"])
+
+    async def scenario() -> None:
+        async with open_clients() as clients:
+            report = await reconcile(env, clients)
+            recovered = {a.mail_id: a for a in report.actions if a.phase == "orphans"}
+            assert recovered[single].what == "recovered"
+            assert recovered[single].detail == "from received_header"
+            assert (
+                recovered[double].recipient == "ok-012@orders.example.com,ok-013@orders.example.com"
+            )
+            assert recovered[nobody].what == "no_recipient"
+            # The one without a recipient is failed and archived to failed/ in the same pass.
+            (unknown,) = await env.records(clients, nobody)
+            assert (unknown["status"], unknown["reason"]) == ("archived", "orphan_no_recipient")
+            assert unknown["archived_key"] == f"failed/{nobody}"
+            for rec in await env.records(clients, single) + await env.records(clients, double):
+                assert rec["status"] == "received"
+                assert rec["sender"] == "shop@example.com"
+            assert (await reconcile(env, clients)).counts()["orphans_recovered"] == 0
+            await run_worker_until(env.settings, clients, all_terminal(env, [single, double], 3))
+            for rec in await env.records(clients, single) + await env.records(clients, double):
+                assert (rec["status"], rec["attempts"]) == ("succeeded", 1)
+
+    asyncio.run(scenario())
+    assert len(env.starts()) == 3
+
+
+async def stuck(env: Env, clients: AwsClients, recipient: str) -> tuple[str, DeliveryKey]:
+    """A mail whose SQS message is gone and whose delivery a dead worker claimed."""
+    mail_id = await env.send(clients, SIMPLE_MAIL, [recipient])
+    for msg in env.drain_queue():
+        env.boto("sqs").delete_message(QueueUrl=env.queue_url(), ReceiptHandle=msg["ReceiptHandle"])
+    key = DeliveryKey(mail_id, recipient)
+    meta = {
+        "bucket": env.settings.bucket,
+        "key": f"incoming/{mail_id}",
+        "sender": "shop@example.com",
+        "created_at": time.time(),
+    }
+    ledger = Ledger(clients.dynamodb, env.settings.table)
+    await ledger.claim(
+        key,
+        worker="dead-worker",
+        token="t0",  # noqa: S106 - a lease token, not a secret
+        lease_s=0.05,
+        meta=meta,
+    )
+    return mail_id, key
+
+
+def test_stuck_processing_and_overdue_retry_are_requeued_once_and_completed(env: Env) -> None:
+    async def scenario() -> None:
+        async with open_clients() as clients:
+            ledger = Ledger(clients.dynamodb, env.settings.table)
+            processing_id, _ = await stuck(env, clients, "ok-021@orders.example.com")
+            retrying_id, key = await stuck(env, clients, "ok-022@orders.example.com")
+            await ledger.finish(
+                key,
+                "t0",
+                Status.RETRYING,
+                {"next_attempt_at": time.time(), "reason": "tempfail_exit_75"},
+                {"attempt": 1, "status": "retrying"},
+            )
+            await asyncio.sleep(0.1)
+            reports = await asyncio.gather(reconcile(env, clients), reconcile(env, clients))
+            requeued = [a for r in reports for a in r.actions if a.what == "requeued"]
+            assert sorted((a.mail_id, a.result) for a in requeued if a.result == "done") == sorted(
+                [(processing_id, "done"), (retrying_id, "done")]
+            )
+            assert env.queue_counts()["visible"] == 2
+            # The next pass leaves them alone: requeued recently.
+            assert (await reconcile(env, clients)).counts()["requeued"] == 0
+            await run_worker_until(
+                env.settings, clients, all_terminal(env, [processing_id, retrying_id])
+            )
+            for mail_id in (processing_id, retrying_id):
+                (rec,) = await env.records(clients, mail_id)
+                assert (rec["status"], rec["attempts"], rec["requeue_count"]) == ("succeeded", 2, 1)
+
+    asyncio.run(scenario())
+    assert len(env.starts()) == 2  # the dead worker never ran anything
+
+
+def test_stuck_delivery_whose_object_is_gone_fails_object_missing(env: Env) -> None:
+    async def scenario() -> None:
+        async with open_clients() as clients:
+            mail_id, _ = await stuck(env, clients, "ok-031@orders.example.com")
+            env.boto("s3").delete_object(Bucket=env.settings.bucket, Key=f"incoming/{mail_id}")
+            await asyncio.sleep(0.1)
+            report = await reconcile(env, clients)
+            (action,) = [a for a in report.actions if a.phase == "requeue"]
+            assert (action.what, action.result) == ("object_missing", "done")
+            (rec,) = await env.records(clients, mail_id)
+            assert (rec["status"], rec["reason"]) == ("archived", "object_missing")
+            assert rec["archive_note"] == "object_missing"
+            assert rec["outcome"] == "failed"
+            assert rec["history"][-1]["reason"] == "object_missing"
+            assert env.queue_counts()["visible"] == 0
+
+    asyncio.run(scenario())
+
+
+def test_archive_bucket_and_per_pass_limit(env: Env) -> None:
+    settings = env.with_settings(archive_bucket=f"{env.settings.bucket}-archive")
+    env.boto("s3").create_bucket(Bucket=settings.archive_bucket)
+
+    async def scenario() -> None:
+        async with open_clients() as clients:
+            ids = [await env.send(clients, SIMPLE_MAIL, [f"ok-04{i}@orders.example.com"])
+                   for i in range(3)]  # fmt: skip
+            await run_worker_until(env.settings, clients, all_terminal(env, ids))
+            queue = await Queue.resolve(clients.sqs, env.settings.queue, env.settings.dlq)
+            options = Options(limit=2, archive_grace_s=0, phases=("archive",))
+            first = await Reconciler(settings, clients, queue, options).run_pass()
+            second = await Reconciler(settings, clients, queue, options).run_pass()
+            assert (first.count("processed"), second.count("processed")) == (2, 1)
+            for mail_id in ids:
+                (rec,) = await env.records(clients, mail_id)
+                assert rec["archived_bucket"] == settings.archive_bucket
+                got = env.boto("s3").get_object(
+                    Bucket=settings.archive_bucket, Key=f"processed/{mail_id}"
+                )
+                assert got["Body"].read().endswith(SIMPLE_MAIL)
+                assert obj(env, f"incoming/{mail_id}") is None
+
+    asyncio.run(scenario())
+
+
+# --- pure parts -------------------------------------------------------------------------------
+
+
+def test_not_ready_waits_for_every_recipient_and_the_grace() -> None:
+    from mailflow.archive import not_ready  # noqa: PLC0415
+
+    done = {"mail_id": "m", "recipient": "a@x", "status": "succeeded", "finished_at": 100.0}
+    assert not_ready([done], now=200, grace_s=60) is None
+    assert "grace" in (not_ready([done], now=120, grace_s=60) or "")
+    open_ = {"mail_id": "m", "recipient": "b@x", "status": "retrying"}
+    assert "still open" in (not_ready([done, open_], now=200, grace_s=0) or "")
+    envelope = done | {"recipients": ["a@x", "b@x"]}  # when the worker records the envelope
+    assert "no delivery yet for b@x" in (not_ready([envelope], now=200, grace_s=0) or "")
+    assert not_ready([done | {"status": "archived"}], now=200, grace_s=0) == "already archived"
+
+
+def test_orphan_envelope_and_requeue_body_keep_ses_verdicts() -> None:
+    from mailflow.notification import parse_body  # noqa: PLC0415
+    from mailflow.reconcile import orphan_envelope, requeue_body  # noqa: PLC0415
+    from mailflow.store import Location  # noqa: PLC0415
+
+    head = ses_headers(
+        "m1",
+        "bounce@shop.example",
+        ["ok-001@orders.example.com"],
+        datetime.now(UTC),
+        verdict="FAIL",
+    )
+    forged = head + b"X-SES-Virus-Verdict: PASS\r\n"  # a sender's own header comes later
+    sender, verdicts = orphan_envelope(forged)
+    assert (sender, verdicts) == ("bounce@shop.example", {"spam": "FAIL", "virus": "FAIL"})
+    ref = parse_body(
+        requeue_body(
+            mail_id="m1",
+            where=Location("b", "incoming/m1"),
+            recipients=["ok-001@orders.example.com"],
+            sender=sender,
+            received_at_s=1.5,
+            reason="reconcile_orphan",
+            verdicts=verdicts,
+        )
+    )
+    assert (ref.synthetic, ref.verdicts["virus"], ref.key) == (
+        "reconcile_orphan",
+        "FAIL",
+        "incoming/m1",
+    )
