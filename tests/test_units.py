@@ -267,3 +267,10 @@ def test_backoff_grows_caps_and_jitters() -> None:
     assert lo == [5, 10, 20, 40, 50, 50, 50]
     assert hi == [10, 20, 40, 80, 100, 100, 100]
     assert retry_delay_s(10_000, base_s=1, max_s=60) <= 60
+
+
+def test_archive_prefixes_must_not_overlap_incoming() -> None:
+    with pytest.raises(ValidationError, match="must not overlap"):
+        Settings(processed_prefix="incoming/done/")
+    # another bucket for the archive: no overlap possible
+    assert Settings(processed_prefix="incoming/", archive_bucket="archive").archive_bucket

@@ -221,6 +221,15 @@ class Settings(BaseSettings):
             raise ValueError("routes: names must be unique")
         if not self.allowed_buckets:
             object.__setattr__(self, "allowed_buckets", (self.bucket,))
+        archive_prefixes = (self.processed_prefix, self.failed_prefix, self.quarantine_prefix)
+        if self.archive_bucket in (None, self.bucket) and any(
+            p.startswith(self.incoming_prefix) or self.incoming_prefix.startswith(p)
+            for p in archive_prefixes
+        ):
+            raise ValueError(
+                "processed/failed/quarantine prefixes must not overlap the incoming prefix"
+                " in the same bucket (the orphan scan would find archived mail)",
+            )
         if self.retry_max_s < self.retry_base_s:
             raise ValueError("retry_max_s must be >= retry_base_s")
         if self.heartbeat_interval_s * 3 > self.lease_s:

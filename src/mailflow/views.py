@@ -47,6 +47,14 @@ DELIVERY_FIELDS = (
     "stderr_tail",
     "verdicts",
     "parse_defects",
+    "last_reason",
+    "enhanced_status",
+    "archived_bucket",
+    "archived_at",
+    "archive_note",
+    "requeue_count",
+    "requeued_at",
+    "recovered_by",
     "history",
 )
 TIME_FIELDS = frozenset(f for f in DELIVERY_FIELDS if f.endswith("_at"))
