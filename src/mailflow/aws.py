@@ -164,7 +164,9 @@ class AwsClients:
 
 def client_config(max_pool_connections: int = 32) -> AioConfig:
     return AioConfig(
-        retries={"max_attempts": 1, "mode": "standard"},  # tenacity is the one retry layer
+        # tenacity is the one retry layer. `total_max_attempts`, not `max_attempts`: botocore
+        # reads max_attempts as *retries* (max_attempts=1 → two tries under each of ours).
+        retries={"total_max_attempts": 1, "mode": "standard"},
         connect_timeout=5,
         read_timeout=30,  # > the 20 s SQS long poll
         max_pool_connections=max_pool_connections,

@@ -227,7 +227,8 @@ class Ledger:
         return Claimed(record, token)
 
     async def renew(self, key: DeliveryKey, token: str, lease_s: float) -> bool:
-        """Extend the lease. False means it is gone: someone else owns the delivery now."""
+        """Extend the lease. False means it is gone: someone else owns the delivery now.
+        True also when the delivery already carries our own outcome (nothing left to renew)."""
         now = self._clock()
         upd = _Update()
         upd.set("lease_expires_at", now + lease_s)
@@ -238,8 +239,11 @@ class Ledger:
         )
         try:
             await self._update("ddb.renew", key, upd, condition)
-        except ConditionFailedError:
-            return False
+        except ConditionFailedError as exc:
+            # Our own outcome landed after the heartbeat took its snapshot: nothing was lost
+            # (a False here would cancel a delivery that has just finished).
+            old = deserialize(exc.item)
+            return old.get("lease_token") == old.get("outcome_token") == token
         return True
 
     async def finish(
@@ -264,6 +268,9 @@ class Ledger:
                 upd.set(attr, value)
         upd.remove("lease_expires_at")
         upd.remove("lease_owner")
+        # Which attempt wrote this outcome: only that attempt may mistake a failed condition
+        # for its own earlier write (the reconciler's writes keep the lease token, not this).
+        upd.set("outcome_token", token)
         history = upd.name("history")
         upd.sets.append(
             f"{history} = list_append(if_not_exists({history}, {upd.value('empty', [])}),"
@@ -277,7 +284,9 @@ class Ledger:
             return await self._update("ddb.finish", key, upd, condition)
         except ConditionFailedError as exc:
             old = deserialize(exc.item)
-            if old.get("lease_token") == token and old.get("status") == status.value:
+            if old.get("lease_token") == old.get("outcome_token") == token and (
+                old.get("status") == status.value
+            ):
                 return old  # our own write, retried after a lost response
             raise LeaseLostError(
                 f"{key.mail_id}/{key.recipient}: lease lost"

@@ -20,6 +20,8 @@ from mailflow.errors import BadNotificationError
 
 #: Bodies above this are not SES notifications (SES truncates headers at 10 KB): refuse early.
 MAX_BODY_CHARS = 256 * 1024
+#: A recipient is a DynamoDB sort key (at most 1024 bytes); SMTP paths end at 256 octets.
+MAX_RECIPIENT_BYTES = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +64,9 @@ def parse_body(body: str) -> MailRef:
         raise BadNotificationError("too_large", f"body of {len(body)} chars")
     try:
         doc = json.loads(body)
-    except (json.JSONDecodeError, RecursionError) as exc:
+    # ValueError, not only JSONDecodeError: an integer literal past Python's int-parsing
+    # limit (4300 digits) raises a plain ValueError from json.loads.
+    except (ValueError, RecursionError) as exc:
         raise BadNotificationError("not_json", str(exc)[:200]) from None
     if not isinstance(doc, dict):
         raise BadNotificationError("not_json_object", type(doc).__name__)
@@ -74,7 +78,7 @@ def parse_body(body: str) -> MailRef:
             raise BadNotificationError("sns_message", "Message is not a string")
         try:
             doc = json.loads(message)
-        except (json.JSONDecodeError, RecursionError) as exc:
+        except (ValueError, RecursionError) as exc:
             raise BadNotificationError("sns_message_not_json", str(exc)[:200]) from None
         if not isinstance(doc, dict):
             raise BadNotificationError("sns_message_not_json", "not an object")
@@ -105,7 +109,7 @@ def parse_ses_notification(doc: dict[str, Any]) -> MailRef:
     headers = mail.get("commonHeaders")
     subject = headers.get("subject") if isinstance(headers, dict) else None
     marker = doc.get("mailflow")
-    return MailRef(
+    ref = MailRef(
         mail_id=_str(mail, "messageId", "mail"),
         bucket=_str(action, "bucketName", "receipt.action"),
         key=_str(action, "objectKey", "receipt.action"),
@@ -117,6 +121,33 @@ def parse_ses_notification(doc: dict[str, Any]) -> MailRef:
         subject=subject if isinstance(subject, str) else "",
         synthetic=str(marker.get("reason", "synthetic")) if isinstance(marker, dict) else None,
     )
+    _check_storable(ref)
+    return ref
+
+
+def _check_storable(ref: MailRef) -> None:
+    """What the ledger will hand DynamoDB must be storable there, or every write of this
+    message fails the same way until the redrive policy dead-letters it without a reason."""
+    texts = (
+        ref.mail_id,
+        ref.bucket,
+        ref.key,
+        ref.sender,
+        ref.subject,
+        *ref.recipients,
+        *ref.verdicts.values(),
+    )
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadNotificationError("bad_encoding", "a lone surrogate in a text field") from None
+    for recipient in ref.recipients:
+        if not recipient:
+            raise BadNotificationError("missing_field", "an empty recipient")
+        size = len(recipient.encode("utf-8"))
+        if size > MAX_RECIPIENT_BYTES:  # SMTP paths end at 256 octets: not from SES
+            raise BadNotificationError("bad_recipient", f"a recipient of {size} bytes")
 
 
 def check_trusted(ref: MailRef, allowed_buckets: tuple[str, ...], incoming_prefix: str) -> None:
@@ -127,7 +158,11 @@ def check_trusted(ref: MailRef, allowed_buckets: tuple[str, ...], incoming_prefi
         raise BadNotificationError("key_not_allowed", ref.key[:256])
     if ref.key.startswith("/") or "\x00" in ref.key:
         raise BadNotificationError("key_not_allowed", ref.key[:256])
-    if "/" in ref.mail_id or len(ref.mail_id) > 128:
+    if (
+        "/" in ref.mail_id
+        or len(ref.mail_id) > 128
+        or any(ord(ch) <= 0x20 or ord(ch) == 0x7F for ch in ref.mail_id)  # reaches env and argv
+    ):
         raise BadNotificationError("bad_mail_id", ref.mail_id[:128])
 
 

@@ -73,6 +73,10 @@ def address_parts(recipient: str) -> tuple[str, str, str]:
     return (local, domain, extension if sep and base else "")
 
 
+def _has_control(value: str) -> bool:
+    return any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value)
+
+
 def _clean_env_value(value: str) -> str:
     """The environment cannot carry NUL, and a newline in SENDER helps nobody."""
     return "".join(ch for ch in value if ch.isprintable())[:998]
@@ -91,6 +95,9 @@ def plan_delivery(
     recipient = normalize_recipient(recipient)
     if len(recipient) > MAX_RECIPIENT_CHARS:
         return Unroutable("unroutable", f"recipient longer than {MAX_RECIPIENT_CHARS} chars")
+    if _has_control(recipient):
+        # No SMTP address carries controls; a NUL would even make exec refuse the environment.
+        return Unroutable("unroutable", "recipient contains control characters")
     local, domain, extension = address_parts(recipient)
     for route in routes:
         try:

@@ -317,14 +317,20 @@ class Worker:
     # --- leases and heartbeat ---------------------------------------------------------------
 
     def _register_lease(self, key: DeliveryKey, token: str) -> Awaitable[None] | None:
+        # Only on the message whose delivery task is calling: one worker can hold the same
+        # delivery twice (a stalled run and its own takeover), and each run's lease must be
+        # renewed and checked on its own, or the stale run's lost lease goes unnoticed.
+        current = asyncio.current_task()
         for held in self._held.values():
-            if key in held.tasks:
+            if held.tasks.get(key) is current:
                 held.leases[key] = token
         return None
 
     def _unregister_lease(self, key: DeliveryKey) -> None:
+        current = asyncio.current_task()
         for held in self._held.values():
-            held.leases.pop(key, None)
+            if held.tasks.get(key) is current:
+                held.leases.pop(key, None)
 
     async def _heartbeat_loop(self) -> None:
         while True:
