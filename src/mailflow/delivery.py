@@ -12,6 +12,7 @@ import os
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,24 @@ from mailflow.routing import DeliveryPlan, Unroutable, plan_delivery
 from mailflow.store import spooled
 
 log = structlog.get_logger("mailflow.delivery")
+
+#: Per-delivery wall-clock stamps for the canonical line's latency breakdown. The worker sets a
+#: fresh dict (`received`, `admitted`) before it starts each delivery task; the deliverer adds
+#: `spawn`, `exit` and `recorded`. Unset (None) outside a worker: nothing is stamped.
+STAMPS: ContextVar[dict[str, float] | None] = ContextVar("mailflow_stamps", default=None)
+#: (from, to) stamp pairs → the `timing_ms` fields of the canonical line.
+TIMING_PHASES = {
+    "queued": ("received", "admitted"),  # prefetched / parked, waiting for a run slot
+    "pre": ("admitted", "spawn"),  # claim, S3 fetch to spool, header summary
+    "run": ("spawn", "exit"),  # the processor, as the transport sees it
+    "post": ("exit", "recorded"),  # classify, outcome write
+}
+
+
+def _stamp(name: str, now: float) -> None:
+    stamps = STAMPS.get()
+    if stamps is not None:
+        stamps[name] = now
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +238,7 @@ class Deliverer:
                 size_bytes = mail.size_bytes
                 summary = summarize(mail.head)
                 env = plan.env | {"MAILFLOW_ATTEMPT": str(attempt)}
+                _stamp("spawn", self._clock())
                 result = await self.processor.run(
                     ProcessRequest(
                         argv=plan.argv,
@@ -230,6 +250,7 @@ class Deliverer:
                         tail_bytes=self.s.output_tail_bytes,
                     ),
                 )
+            _stamp("exit", self._clock())
             outcome = classify(result, self.s.tempfail_codes)
         except ObjectMissingError as exc:
             missing_final = attempt >= self.s.missing_object_attempts
@@ -328,6 +349,7 @@ class Deliverer:
         )
         try:
             await asyncio.shield(write)
+            _stamp("recorded", self._clock())
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await write
@@ -372,6 +394,12 @@ class Deliverer:
         now = self._clock()
         # Queue lag: SES receipt → this attempt's start (the time the mail waited for us).
         lag_ms = ((started_s or now) - ref.received_at_s) * 1000 if ref.received_at_s else None
+        stamps = STAMPS.get() or {}
+        timing = {
+            phase: round((stamps[b] - stamps[a]) * 1000, 2)
+            for phase, (a, b) in TIMING_PHASES.items()
+            if a in stamps and b in stamps
+        }
         log.info(
             "delivery",
             mail_id=ref.mail_id,
@@ -381,6 +409,8 @@ class Deliverer:
             duration_ms=duration_ms,
             size_bytes=size_bytes,
             detail=detail,
+            timing_ms=timing or None,
+            processor_started_at=round(stamps["spawn"], 6) if "spawn" in stamps else None,
             **emf(
                 self.s.metrics_namespace,
                 route=route,

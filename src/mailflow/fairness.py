@@ -22,6 +22,10 @@ class KeyGate:
         gate = self._gates.get((route, key))
         return gate is not None and gate.locked()
 
+    def waiting(self, route: str, key: str | None) -> int:
+        """Deliveries of this key that hold or wait for the gate (0: idle or no key)."""
+        return 0 if key is None else self._users.get((route, key), 0)
+
     @contextlib.asynccontextmanager
     async def slot(self, route: str, key: str | None, limit: int | None) -> AsyncIterator[None]:
         if key is None or limit is None:

@@ -9,10 +9,11 @@ keep counting: every receive counts, deferrals included (size maxReceiveCount wi
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import structlog
 
@@ -24,6 +25,11 @@ log = structlog.get_logger("mailflow.queue")
 #: SQS's own ceiling for a message's visibility timeout.
 MAX_VISIBILITY_S = 43200
 BATCH = 10
+#: Batch calls of one kind in flight at once; further requests queue up and share the next one.
+BATCH_FLIGHTS = 4
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 
 @dataclass(slots=True)
@@ -40,11 +46,48 @@ def clamp_visibility(seconds: float) -> int:
     return max(0, min(MAX_VISIBILITY_S, int(seconds + 0.999)))
 
 
+class Batcher(Generic[Item, Result]):
+    """Natural batching: requests that come together share one SQS batch call (up to 10
+    entries), so there is one call per request when idle and about one per ten under load;
+    no request ever waits for a batch to fill. `send` answers one result per item, in order;
+    if it raises, every request of that batch gets the exception."""
+
+    def __init__(self, send: Callable[[list[Item]], Awaitable[list[Result]]]) -> None:
+        self._send = send
+        self._pending: list[tuple[Item, asyncio.Future[Result]]] = []
+        self._flights: set[asyncio.Task[None]] = set()
+
+    async def submit(self, item: Item) -> Result:
+        done: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._pending.append((item, done))
+        if len(self._flights) < BATCH_FLIGHTS:
+            flight = asyncio.create_task(self._flush())
+            self._flights.add(flight)
+            flight.add_done_callback(self._flights.discard)
+        return await done
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:BATCH], self._pending[BATCH:]
+            try:
+                results = await self._send([item for item, _ in batch])
+            except Exception as exc:  # handed to every waiter: each decides for its message
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+            else:
+                for (_, done), result in zip(batch, results, strict=True):
+                    if not done.done():
+                        done.set_result(result)
+
+
 class Queue:
     def __init__(self, sqs: Any, url: str, dlq_url: str | None) -> None:
         self._sqs = sqs
         self.url = url
         self.dlq_url = dlq_url
+        self._deletes = Batcher(self._delete_batch)
+        self._visibility = Batcher(self._visibility_batch)
 
     @classmethod
     async def resolve(cls, sqs: Any, queue: str, dlq: str) -> Queue:
@@ -81,6 +124,36 @@ class Queue:
         return out
 
     async def delete(self, msg: Message) -> None:
+        """Delete a handled message (DeleteMessageBatch, shared with concurrent deletes).
+        Raises TransientError if SQS stays unreachable."""
+        await self._deletes.submit(msg)
+
+    async def _delete_batch(self, messages: list[Message]) -> list[None]:
+        entries = [
+            {"Id": str(i), "ReceiptHandle": m.receipt_handle} for i, m in enumerate(messages)
+        ]
+        try:
+            resp = await aws.call(
+                "sqs.DeleteMessageBatch",
+                self._sqs.delete_message_batch,
+                QueueUrl=self.url,
+                Entries=entries,
+            )
+        except AwsPermanentError as exc:
+            for m in messages:
+                log.info("delete_refused", message_id=m.message_id, error=exc.code)
+            return [None] * len(messages)
+        for failure in resp.get("Failed", []):
+            msg = messages[int(failure["Id"])]
+            if failure.get("SenderFault", True):
+                # A stale handle: the message was received again elsewhere. The work is
+                # recorded; the other receiver sees a terminal delivery and deletes it.
+                log.info("delete_stale_handle", message_id=msg.message_id, error=failure["Code"])
+            else:  # SQS failed this entry on its side: once more alone, with retries
+                await self._delete_one(msg)
+        return [None] * len(messages)
+
+    async def _delete_one(self, msg: Message) -> None:
         try:
             await aws.call(
                 "sqs.DeleteMessage",
@@ -89,11 +162,45 @@ class Queue:
                 ReceiptHandle=msg.receipt_handle,
             )
         except AwsPermanentError as exc:
-            # A stale handle: the message was received again elsewhere. The work is recorded;
-            # the other receiver will see a terminal delivery and delete it as a duplicate.
             log.info("delete_stale_handle", message_id=msg.message_id, error=exc.code)
 
     async def set_visibility(self, msg: Message, seconds: float) -> bool:
+        """Defer (or give back, at 0) one message; False if SQS refused (a stale handle).
+        Shares ChangeMessageVisibilityBatch calls with concurrent requests."""
+        return await self._visibility.submit((msg, seconds))
+
+    async def _visibility_batch(self, items: list[tuple[Message, float]]) -> list[bool]:
+        entries = [
+            {
+                "Id": str(i),
+                "ReceiptHandle": m.receipt_handle,
+                "VisibilityTimeout": clamp_visibility(seconds),
+            }
+            for i, (m, seconds) in enumerate(items)
+        ]
+        try:
+            resp = await aws.call(
+                "sqs.ChangeMessageVisibilityBatch",
+                self._sqs.change_message_visibility_batch,
+                QueueUrl=self.url,
+                Entries=entries,
+            )
+        except AwsPermanentError as exc:
+            for m, _ in items:
+                log.info("visibility_not_changed", message_id=m.message_id, error=exc.code)
+            return [False] * len(items)
+        results = [True] * len(items)
+        for failure in resp.get("Failed", []):
+            i = int(failure["Id"])
+            msg, seconds = items[i]
+            if failure.get("SenderFault", True):
+                log.info("visibility_not_changed", message_id=msg.message_id, error=failure["Code"])
+                results[i] = False
+            else:  # SQS failed this entry on its side: once more alone, with retries
+                results[i] = await self._set_visibility_one(msg, seconds)
+        return results
+
+    async def _set_visibility_one(self, msg: Message, seconds: float) -> bool:
         try:
             await aws.call(
                 "sqs.ChangeMessageVisibility",

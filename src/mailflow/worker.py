@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import os
 import socket
@@ -28,21 +29,37 @@ import structlog
 
 from mailflow.aws import AwsClients
 from mailflow.config import Settings
-from mailflow.delivery import DONE, Deliverer, Fate
+from mailflow.delivery import DONE, STAMPS, Deliverer, Fate
 from mailflow.errors import BadNotificationError, MailflowError, TransientError
 from mailflow.exitcodes import EXIT_DRAIN_TIMEOUT, EXIT_OK
 from mailflow.fairness import KeyGate
 from mailflow.ledger import DeliveryKey, Ledger
 from mailflow.notification import MailRef, check_trusted, parse_body
 from mailflow.processor import ExecProcessor, Processor
-from mailflow.queue import Message, Queue
-from mailflow.routing import Unroutable
+from mailflow.queue import BATCH, Message, Queue
+from mailflow.routing import DeliveryPlan, Unroutable
 from mailflow.store import make_spool_dir
 
 log = structlog.get_logger("mailflow.worker")
 
+#: Opt-in event-loop lag canary (bench, diagnosis): any value logs `loop_lag` (p50/p99/max) at
+#: shutdown; a value with a `/` is also a path that gets the samples, [[epoch_s, lag_ms], ...].
+LOOP_LAG_PROBE_ENV = "MAILFLOW_LOOP_LAG_PROBE"
+LOOP_LAG_INTERVAL_S = 0.005
+LOOP_LAG_MAX_SAMPLES = 500_000
+
 #: After a backend failure, how soon the message may be tried again (SQS redelivers it).
 TRANSIENT_PAUSE_S = 15.0
+
+#: A message whose route key (store) is at its max_in_flight_per_key is *parked*: it waits in
+#: the worker (visibility kept by the heartbeat) but does not use prefetch room, so one store's
+#: flood cannot fill every slot and starve the others. Parked messages are capped at this many
+#: per run + prefetch slot; beyond the cap a message is deferred instead (visibility pushed to
+#: about when the key will have room: one more receive, counted by the redrive policy).
+PARKED_PER_SLOT = 4
+#: ...unless its receive count is this close to maxReceiveCount: then it is parked over the cap,
+#: never deferred into the DLQ.
+DLQ_MARGIN = 2
 
 
 def make_processor(settings: Settings) -> Processor:
@@ -67,6 +84,8 @@ class Held:
 
     message: Message
     started: bool = False
+    parked: bool = False  # waiting for a busy route key; does not count against prefetch
+    handler: asyncio.Task[None] | None = None
     leases: dict[DeliveryKey, str] = field(default_factory=dict)
     tasks: dict[DeliveryKey, asyncio.Task[Any]] = field(default_factory=dict)
 
@@ -94,9 +113,22 @@ class Worker:
         self._room = asyncio.Condition()
         self._run_slots = asyncio.Semaphore(settings.concurrency)
         self._gate = KeyGate()
+        self._parked = 0
+        self._park_limit = PARKED_PER_SLOT * (settings.concurrency + settings.prefetch_limit)
+        self._defer_pace: dict[tuple[str, str], float] = {}  # busy key → next deferral slot
+        # Moving average of one delivery's time: paces deferrals. The prior is low on purpose:
+        # a deferral that comes back early costs one receive, a late one idles the store.
+        self._delivery_s = 0.25
         self._tasks: set[asyncio.Task[None]] = set()
         self._last_poll_s = clock()
-        self.stats: dict[str, int] = {"received": 0, "deleted": 0, "dead_lettered": 0}
+        self.stats: dict[str, int] = {
+            "received": 0,
+            "deleted": 0,
+            "dead_lettered": 0,
+            "parked": 0,
+            "deferred_busy_key": 0,
+            "max_receive_count": 0,
+        }
 
     @property
     def _queue(self) -> Queue:
@@ -143,6 +175,10 @@ class Worker:
         receiver = asyncio.create_task(self._receive_loop(), name="receiver")
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
         ticker = asyncio.create_task(self._health_loop(), name="health")
+        probe = LoopLagProbe.from_env()
+        background = [receiver, heartbeat, ticker]
+        if probe:
+            background.append(asyncio.create_task(probe.run(), name="loop-lag"))
         try:
             await self.stop.wait()
             receiver.cancel()
@@ -150,9 +186,11 @@ class Worker:
                 await receiver
             code = await self._drain()
         finally:
-            for task in (receiver, heartbeat, ticker):
+            for task in background:
                 task.cancel()
-            await asyncio.gather(receiver, heartbeat, ticker, return_exceptions=True)
+            await asyncio.gather(*background, return_exceptions=True)
+            if probe:
+                probe.report()
             await self.processor.close()
             with contextlib.suppress(OSError):
                 spool_dir.rmdir()
@@ -163,6 +201,9 @@ class Worker:
         started = time.monotonic()
         async with self._room:
             self._room.notify_all()  # wake handlers waiting for a slot: they hand back
+        for held in list(self._held.values()):
+            if held.parked and held.handler is not None:
+                held.handler.cancel()  # never started: straight back to SQS (visibility 0)
         pending = {t for t in self._tasks if not t.done()}
         log.info("draining", running=len(pending), grace_s=self.s.shutdown_grace_s)
         hurry = asyncio.create_task(self.hurry.wait())
@@ -190,12 +231,22 @@ class Worker:
     # --- receiving --------------------------------------------------------------------------
 
     def _capacity(self) -> int:
-        return self.s.concurrency + self.s.prefetch_limit - len(self._held)
+        return self.s.concurrency + self.s.prefetch_limit - (len(self._held) - self._parked)
+
+    def _waiting(self) -> int:
+        """Held messages waiting for a run slot (not started, not parked)."""
+        return sum(1 for h in self._held.values() if not (h.started or h.parked))
+
+    def _should_receive(self) -> bool:
+        room = self._capacity()
+        # Fuller receives, fewer calls: while prefetched messages still wait for a run slot
+        # there is no hurry, so wait until a whole batch fits.
+        return room > 0 and (room >= min(BATCH, self.s.prefetch_limit) or self._waiting() == 0)
 
     async def _receive_loop(self) -> None:
         while not self.stop.is_set():
             async with self._room:
-                await self._room.wait_for(lambda: self._capacity() > 0 or self.stop.is_set())
+                await self._room.wait_for(lambda: self._should_receive() or self.stop.is_set())
             if self.stop.is_set():
                 return
             try:
@@ -211,10 +262,17 @@ class Worker:
             self._last_poll_s = self._clock()
             for msg in messages:
                 self.stats["received"] += 1
-                self._held[msg.receipt_handle] = Held(msg)
+                self.stats["max_receive_count"] = max(
+                    self.stats["max_receive_count"], msg.receive_count
+                )
+                held = self._held[msg.receipt_handle] = Held(msg)
                 task = asyncio.create_task(self._handle(msg), name=f"msg-{msg.message_id}")
+                held.handler = task
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+                # One handler's first step (parse, claim request: ~2 ms of CPU) per loop turn,
+                # not a whole batch's worth in one stall of the event loop.
+                await asyncio.sleep(0)
 
     async def _release_room(self, msg: Message) -> None:
         self._held.pop(msg.receipt_handle, None)
@@ -236,6 +294,11 @@ class Worker:
                 self.stats["dead_lettered"] += 1
                 return
             fates = [await self._one_recipient(msg, ref, r) for r in ref.recipients]
+            held = self._held.get(msg.receipt_handle)
+            if held is not None and not held.started:
+                # Nothing ran (deferred for a busy key, unroutable): settling is one batched
+                # SQS call, and it need not hold a prefetch slot while it is on its way.
+                await self._release_room(msg)
             await self._settle(msg, fates)
         except asyncio.CancelledError:
             if self.stop.is_set():
@@ -264,25 +327,81 @@ class Worker:
             return await self.deliverer.record_final(
                 ref, recipient, "quarantined", quarantine, plan.route
             )
-        async with self._gate.slot(plan.route, plan.key, plan.max_in_flight_per_key):
-            if not await self._acquire_run_slot():
-                return Fate(defer_until_s=self._clock())  # shutting down before we started
+        gate = (plan.route, plan.key, plan.max_in_flight_per_key)
+        parked = self._gate.busy(*gate)
+        if parked:
+            near_dlq = msg.receive_count >= self.s.max_receive_count - DLQ_MARGIN
+            if self._parked >= self._park_limit and not near_dlq:
+                return self._defer_busy_key(msg, plan)
+            held.parked, parked = True, True
+            self._parked += 1
+            self.stats["parked"] += 1
+            async with self._room:
+                self._room.notify_all()  # parked messages leave prefetch room: receive more
+        try:
+            async with self._gate.slot(*gate):
+                if parked:
+                    held.parked, parked = False, False
+                    self._parked -= 1
+                return await self._run_delivery(msg, ref, recipient, plan, held)
+        finally:
+            if parked:  # cancelled while parked
+                held.parked = False
+                self._parked -= 1
+
+    def _defer_busy_key(self, msg: Message, plan: DeliveryPlan) -> Fate:
+        """Over the parking cap: come back when the key is likely to have room. Deferrals of
+        one key are paced one delivery-time apart, so each costs about one receive."""
+        now = self._clock()
+        name = (plan.route, plan.key or "")
+        step = self._delivery_s / (plan.max_in_flight_per_key or 1)
+        ahead = self._gate.waiting(plan.route, plan.key)
+        until = max(now + ahead * step, self._defer_pace.get(name, 0.0)) + step
+        self._defer_pace[name] = until
+        if len(self._defer_pace) > 1024:  # forget keys whose schedule has passed
+            self._defer_pace = {k: t for k, t in self._defer_pace.items() if t > now}
+        self.stats["deferred_busy_key"] += 1
+        log.debug(
+            "deferred_busy_key",
+            message_id=msg.message_id,
+            route=plan.route,
+            key=plan.key,
+            receive_count=msg.receive_count,
+            defer_s=round(until - now, 1),
+        )
+        return Fate(defer_until_s=until)
+
+    async def _run_delivery(
+        self, msg: Message, ref: MailRef, recipient: str, plan: DeliveryPlan, held: Held
+    ) -> Fate:
+        if not await self._acquire_run_slot():
+            return Fate(defer_until_s=self._clock())  # shutting down before we started
+        admitted = self._clock()
+        try:
+            held.started = True
+            async with self._room:
+                self._room.notify_all()  # one fewer waiting: the receiver may want a batch now
+            key = DeliveryKey(ref.mail_id, recipient)
+            ctx = contextvars.copy_context()  # this delivery's own latency stamps
+            ctx.run(STAMPS.set, {"received": msg.received_at_s, "admitted": admitted})
+            task = asyncio.create_task(self.deliverer.deliver(ref, plan, recipient), context=ctx)
+            held.tasks[key] = task
             try:
-                held.started = True
-                key = DeliveryKey(ref.mail_id, recipient)
-                task = asyncio.create_task(self.deliverer.deliver(ref, plan, recipient))
-                held.tasks[key] = task
-                try:
-                    return await task
-                finally:
-                    held.tasks.pop(key, None)
+                return await task
             finally:
-                self._run_slots.release()
+                held.tasks.pop(key, None)
+                # A moving average of one delivery's time paces deferrals of busy keys.
+                self._delivery_s += (self._clock() - admitted - self._delivery_s) / 8
+        finally:
+            self._run_slots.release()
 
     async def _acquire_run_slot(self) -> bool:
         """Wait for a run slot; False if shutdown started first (the message goes back)."""
         if self.stop.is_set():
             return False
+        if not self._run_slots.locked():
+            await self._run_slots.acquire()  # free slot: taken without suspending
+            return True
         acquire = asyncio.create_task(self._run_slots.acquire())
         stop = asyncio.create_task(self.stop.wait())
         try:
@@ -378,6 +497,42 @@ class Worker:
             if fresh or self.stop.is_set() or self._capacity() <= 0:
                 write_health(path, {"worker": self.worker_id, "at": now, "held": len(self._held)})
             await asyncio.sleep(min(5.0, self.s.heartbeat_max_age_s / 3))
+
+
+class LoopLagProbe:
+    """A canary task: sleeps a fixed interval and records how late it woke (blocked loop)."""
+
+    def __init__(self, target: str, interval_s: float = LOOP_LAG_INTERVAL_S) -> None:
+        self.target = target
+        self.interval_s = interval_s
+        self.samples: list[tuple[float, float]] = []
+
+    @classmethod
+    def from_env(cls) -> LoopLagProbe | None:
+        target = os.environ.get(LOOP_LAG_PROBE_ENV, "")
+        return cls(target) if target else None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while len(self.samples) < LOOP_LAG_MAX_SAMPLES:
+            start = loop.time()
+            await asyncio.sleep(self.interval_s)
+            lag_s = loop.time() - start - self.interval_s
+            self.samples.append((round(time.time(), 4), round(lag_s * 1000, 3)))
+
+    def report(self) -> None:
+        lags = sorted(lag for _, lag in self.samples)
+        if lags:
+            log.info(
+                "loop_lag",
+                samples=len(lags),
+                p50_ms=lags[len(lags) // 2],
+                p99_ms=lags[min(len(lags) - 1, len(lags) * 99 // 100)],
+                max_ms=lags[-1],
+            )
+        if "/" in self.target:
+            with contextlib.suppress(OSError):
+                Path(self.target).write_text(json.dumps(self.samples), encoding="utf-8")
 
 
 def write_health(path: Path, doc: dict[str, Any]) -> None:

@@ -1,0 +1,58 @@
+"""`make bench` works: a tiny run of bench/run.py end to end (moto, naive consumer, worker,
+fastcgi when php-fpm is there, RSS, fairness). Only the shape of the output is checked here;
+the figures mean something at the default size (docs/performance.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_bench_runs_and_writes_its_table_and_json(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "run.py"),
+            "--n",
+            "20",
+            "--big-mails",
+            "2",
+            "--big-mib",
+            "1",
+            "--rss-processor-ms",
+            "200",
+            "--flood",
+            "20",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "latest.json").read_text())
+    table = (out / "latest.md").read_text()
+    print(table)
+    assert result["backend"].startswith("moto")
+    for consumer in ("naive", "worker"):
+        figures = result[consumer]
+        assert figures["throughput_per_s"] > 0
+        assert figures["cpu_ms_per_delivery"] > 0
+        assert figures["deliveries"] == 20
+    assert result["worker"]["loop_lag_samples"] > 0
+    assert result["rss"]["statuses"] == ["succeeded"]
+    assert result["fairness"]["lone_latency_ms"] is not None
+    names = {t["target"] for t in result["targets"]}
+    assert "throughput vs naive consumer" in names
+    assert "| target | measured | limit | met |" in table
