@@ -7,6 +7,7 @@ import ast
 import asyncio
 import json
 import os
+import signal
 import stat
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from chaos.procs import kill_tree, start_worker, wait_for
 from conftest import REPO, SIMPLE_MAIL, TESTS, Env, all_terminal, require_binary, run_worker_until
 from mailflow.aws import AwsClients, open_clients
 from mailflow.config import Route
@@ -116,6 +118,45 @@ def test_processor_sees_only_the_contract_env_no_credentials_no_fds_private_spoo
         assert report["stdin_mode"] == "600"
         assert report["stdin_dir_mode"] == "700"
         assert report["stdin_bytes"] > len(SIMPLE_MAIL)
+
+
+#: Root without capabilities: to ptrace-style checks, a worker and its processor run like the
+#: container's uid 10001 (same uid, no CAP_SYS_PTRACE), the case that matters in production.
+NO_CAPS = ("setpriv", "--bounding-set=-all", "--inh-caps=-all", "--")
+
+
+def test_processor_cannot_read_the_workers_environment_through_proc(
+    env: Env, tmp_path: Path
+) -> None:
+    """Same uid, no capabilities: /proc/<worker>/environ would hand the processor the worker's
+    credentials (or ECS's credentials URI) unless the worker makes itself undumpable."""
+    require_binary("php")
+    require_binary("setpriv")
+    probe_dir = tmp_path / "probe"
+    probe_dir.mkdir()
+    settings = env.with_settings(routes=(probe_route(),), pass_env=("PROBE_DIR",))
+    log = tmp_path / "worker.log"
+    proc = start_worker(
+        settings, log, tmp_path, prefix=NO_CAPS, PROBE_DIR=str(probe_dir),
+        AWS_CONTAINER_CREDENTIALS_RELATIVE_URI="/v2/credentials/planted-guid",
+    )  # fmt: skip
+    try:
+
+        async def send() -> str:
+            async with open_clients() as clients:
+                return await env.send(clients, SIMPLE_MAIL, ["probe-0@orders.example.com"])
+
+        asyncio.run(send())
+        (report,) = wait_for(lambda: probe_reports(probe_dir), 60, "the probe's report")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        finally:
+            kill_tree(proc.pid)
+    assert "planted-guid" not in json.dumps(report["env"])
+    assert not report["parent_environ_planted"]
+    assert not report["parent_environ_readable"], "the worker's environment is readable"
 
 
 # --- no shell, anywhere ---------------------------------------------------------------------

@@ -39,7 +39,11 @@ def run_async(coro_fn: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from mailflow.aws import open_clients  # noqa: PLC0415 - keep `--help` fast
+    from mailflow.processor import forbid_environ_reads  # noqa: PLC0415
     from mailflow.worker import Worker  # noqa: PLC0415
+
+    # The processors we spawn run as our uid: keep them out of /proc/<us>/environ.
+    forbid_environ_reads()
 
     async def main() -> int:
         async with open_clients(settings.concurrency * 2 + 8) as clients:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,20 @@ STREAM_CHUNK_BYTES = 64 * 1024
 #: After the processor exits, how long its stdout/stderr may stay open (a grandchild holding
 #: them) before the leftovers of its process group are killed.
 PIPE_DRAIN_S = 1.0
+PR_SET_DUMPABLE = 4
+
+
+def forbid_environ_reads() -> bool:
+    """Make this process undumpable. A processor runs as our uid; without this it could read
+    /proc/<our pid>/environ (the AWS credentials, or ECS's credentials URI, that we never
+    pass it) and /proc/<our pid>/mem. Children are not affected: exec makes them dumpable
+    again. Also no core dumps of a process holding credentials. False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return int(ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,10 @@ $report = [
     'stdin_dir_mode' => ($stdin && is_dir(dirname($stdin))) ? sprintf('%o', fileperms(dirname($stdin)) & 0777) : null,
     'stdin_bytes' => strlen(stream_get_contents(STDIN)),
     'uid' => getmyuid(),
+    // The worker's own environment, through /proc: it must be closed to us even though we
+    // run as the worker's uid (it holds the worker's AWS credentials, or ECS's credentials URI).
+    'parent_environ_readable' => ($parent = @file_get_contents('/proc/' . posix_getppid() . '/environ')) !== false,
+    'parent_environ_planted' => $parent !== false && str_contains($parent, 'planted'),
 ];
 file_put_contents("$dir/" . (getenv('MAILFLOW_ATTEMPT') ?: '0') . '-' . getmypid() . '.json', json_encode($report));
 if ($code !== 0) { fwrite(STDERR, "probe failing with $code\n"); }

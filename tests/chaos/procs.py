@@ -59,12 +59,15 @@ def start_worker(
     settings: Settings,
     log_path: Path,
     cwd: Path,
+    *,
+    prefix: tuple[str, ...] = (),
     **extra: str,
 ) -> subprocess.Popen[bytes]:
-    """A `mailflow worker` subprocess in a new session; its log (JSON lines) to `log_path`."""
+    """A `mailflow worker` subprocess in a new session; its log (JSON lines) to `log_path`.
+    `prefix` runs it through a wrapper (e.g. setpriv)."""
     with log_path.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "mailflow.cli", "worker"],
+            [*prefix, sys.executable, "-m", "mailflow.cli", "worker"],
             env=worker_environ(settings, **extra),
             cwd=cwd,
             stdout=out,

@@ -90,6 +90,7 @@ class ProxyStats:
     calls: Counter[str] = field(default_factory=Counter)
     faults: Counter[str] = field(default_factory=Counter)
     by_op: Counter[str] = field(default_factory=Counter)
+    faults_by_service: Counter[str] = field(default_factory=Counter)
 
     @property
     def total_calls(self) -> int:
@@ -101,7 +102,8 @@ class ProxyStats:
 
     def summary(self) -> str:
         kinds = " ".join(f"{k}={v}" for k, v in sorted(self.faults.items()))
-        return f"calls={self.total_calls} faults={self.total_faults} ({kinds})"
+        services = " ".join(f"{k}={v}" for k, v in sorted(self.faults_by_service.items()))
+        return f"calls={self.total_calls} faults={self.total_faults} ({kinds}; {services})"
 
 
 def _error_response(service: str, kind: str) -> tuple[int, dict[str, str], bytes]:
@@ -285,10 +287,12 @@ class FaultProxy:
                 kind = self._script.popleft()[1]
                 if kind is not None:
                     self.stats.faults[kind] += 1
+                    self.stats.faults_by_service[req.service] += 1
                 return kind
             if self.down:
                 kind = "reset_before" if self._rand.random() < 0.5 else "http503"
                 self.stats.faults[f"outage_{kind}"] += 1
+                self.stats.faults_by_service[req.service] += 1
                 return kind
             if req.service not in self.plan.services or req.operation in self.plan.spare:
                 return None
@@ -296,6 +300,7 @@ class FaultProxy:
                 return None
             kind = self._rand.choice(self.plan.kinds)
             self.stats.faults[kind] += 1
+            self.stats.faults_by_service[req.service] += 1
             return kind
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

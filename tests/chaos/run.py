@@ -276,6 +276,8 @@ class ChaosReport:
     worker_exit_codes: list[int | None] = field(default_factory=list)
     log_events: Counter[str] = field(default_factory=Counter)
     replays: int = 0
+    #: processor exit → outcome recorded, ms (the window of a repeated run), from the logs
+    record_ms: list[float] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -770,11 +772,15 @@ class Chaos:
         for path in self.workers.logs:
             for line in path.read_text(errors="replace").splitlines():
                 try:
-                    event = json.loads(line).get("event", "")
+                    doc = json.loads(line)
                 except json.JSONDecodeError:
                     if "Traceback" in line:
                         rep.log_events["traceback"] += 1
                     continue
+                event = doc.get("event", "")
+                timing = doc.get("timing_ms") or {}
+                if event == "delivery" and "post" in timing:
+                    rep.record_ms.append(float(timing["post"]))
                 if event in {
                     "message_failed",
                     "lease_lost",
@@ -797,6 +803,11 @@ class Chaos:
             rep.problems.append(f"wrong outcome: {rep.wrong}")
         if rep.unexplained_dups:
             rep.problems.append(f"repeated effects without a kill: {rep.unexplained_dups}")
+        repeats = sum(n - 1 for n in rep.dup_effects.values())
+        if rep.replays != repeats:
+            rep.problems.append(
+                f"{repeats} repeated effects but {rep.replays} replays of the idempotency key",
+            )
         if rep.overlaps:
             rep.problems.append(f"two runs of one delivery at once: {rep.overlaps}")
         if rep.stdin_mismatch:
@@ -840,6 +851,12 @@ def print_report(rep: ChaosReport, cfg: ChaosConfig, workdir: Path) -> None:
             f" worker kill after its effect; the idempotency key saw a replay)\n"
         )
     out.write(f"  replays caught by MAILFLOW_DELIVERY_ID: {rep.replays}\n")
+    if rep.record_ms:
+        ms = sorted(rep.record_ms)
+        out.write(
+            f"  processor exit -> outcome recorded: p50 {ms[len(ms) // 2]:.0f} ms,"
+            f" p99 {ms[len(ms) * 99 // 100]:.0f} ms, max {ms[-1]:.0f} ms ({len(ms)} outcomes)\n"
+        )
     out.write(f"  interrupted deliveries (attempts without an outcome): {len(rep.interrupted)}\n")
     if cfg.verbose:
         for line in rep.interrupted:
@@ -859,6 +876,8 @@ def print_report(rep: ChaosReport, cfg: ChaosConfig, workdir: Path) -> None:
 def run_chaos(cfg: ChaosConfig) -> ChaosReport:
     workdir = cfg.workdir or Path(tempfile.mkdtemp(prefix="mailflow-chaos-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    if any(workdir.iterdir()):  # the effects log is append-only: never mix two runs
+        workdir = Path(tempfile.mkdtemp(prefix="run-", dir=workdir))
     saved = {
         k: os.environ.get(k)
         for k in (
