@@ -327,3 +327,23 @@ def test_processor_env_is_clean(env: Env) -> None:
         "PATH",
         "LEDGER_DIR",
     } <= names
+
+
+def test_message_arriving_during_the_last_long_poll_is_given_back(env: Env) -> None:
+    from mailflow.worker import Worker  # noqa: PLC0415
+
+    settings = env.with_settings(wait_time_s=4, visibility_timeout_s=60, lease_s=60)
+
+    async def scenario() -> int:
+        async with open_clients() as clients:
+            worker = Worker(settings, clients)
+            task = asyncio.create_task(worker.run())
+            await asyncio.sleep(1.0)  # the first long poll is in flight, the queue empty
+            worker.request_stop()
+            await env.send(clients, SIMPLE_MAIL, ["ok-001@orders.example.com"])
+            return await task
+
+    assert run(scenario()) == 0
+    # Not hidden for the 60 s visibility timeout: another worker can take it right away.
+    assert env.queue_counts() == {"visible": 1, "in_flight": 0}
+    assert env.starts() == []

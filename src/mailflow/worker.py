@@ -181,10 +181,9 @@ class Worker:
             background.append(asyncio.create_task(probe.run(), name="loop-lag"))
         try:
             await self.stop.wait()
-            receiver.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await receiver
-            code = await self._drain()
+            async with self._room:
+                self._room.notify_all()  # a receiver waiting for room sees the stop at once
+            code, _ = await asyncio.gather(self._drain(), self._last_poll(receiver))
         finally:
             for task in background:
                 task.cancel()
@@ -196,6 +195,18 @@ class Worker:
                 spool_dir.rmdir()
         log.info("worker_stopped", exit_code=code, **self.stats)
         return code
+
+    async def _last_poll(self, receiver: asyncio.Task[None]) -> None:
+        """Let a long poll in flight finish rather than cancel it: SQS may already have handed
+        it messages, which a cancelled request would hide for a whole visibility timeout.
+        The receive loop gives whatever arrives after the stop straight back."""
+        try:
+            async with asyncio.timeout(self.s.wait_time_s + 5):
+                await asyncio.shield(receiver)
+        except TimeoutError:
+            receiver.cancel()
+        except Exception:  # the receiver's own failure must not stop the drain
+            log.exception("receiver_failed")
 
     async def _drain(self) -> int:
         started = time.monotonic()
@@ -260,6 +271,9 @@ class Worker:
                 await asyncio.sleep(1.0)
                 continue
             self._last_poll_s = self._clock()
+            if self.stop.is_set():
+                await self._give_back(messages)
+                return
             for msg in messages:
                 self.stats["received"] += 1
                 self.stats["max_receive_count"] = max(
@@ -273,6 +287,14 @@ class Worker:
                 # One handler's first step (parse, claim request: ~2 ms of CPU) per loop turn,
                 # not a whole batch's worth in one stall of the event loop.
                 await asyncio.sleep(0)
+
+    async def _give_back(self, messages: list[Message]) -> None:
+        """Received after the stop: visible again at once, for another worker."""
+        if messages:
+            log.info("returned_after_stop", count=len(messages))
+            await asyncio.gather(
+                *(self._queue.set_visibility(m, 0) for m in messages), return_exceptions=True
+            )
 
     async def _release_room(self, msg: Message) -> None:
         self._held.pop(msg.receipt_handle, None)
