@@ -127,6 +127,9 @@ class Deliverer:
             "sender": ref.sender,
             "created_at": self._clock(),
             "verdicts": ref.verdicts,
+            # Every recipient of the mail: the reconciler archives a mail only once all of
+            # them have a terminal delivery, not just the ones that happen to exist yet.
+            "recipients": list(ref.recipients),
         }
         if ref.received_at_s is not None:
             meta["received_at"] = ref.received_at_s
