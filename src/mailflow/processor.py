@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import os
 import signal
 import sys
 import time
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from mailflow.child import Child
 from mailflow.outcome import ProcessResult
 
 HEAD_BYTES = 64
@@ -89,84 +89,49 @@ async def _pump(stream: asyncio.StreamReader | None, capture: OutputCapture) -> 
         capture.feed(chunk)
 
 
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-class _ExitAwareProtocol(asyncio.subprocess.SubprocessStreamProtocol):
-    """asyncio's `Process.wait()` returns only once the child's pipes are closed too, so a
-    grandchild that keeps stdout open would turn a clean exit 0 into a timeout (and a second
-    import). This protocol reports the exit itself."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(limit=STREAM_CHUNK_BYTES, loop=loop)
-        self.exited: asyncio.Future[None] = loop.create_future()
-
-    def process_exited(self) -> None:
-        super().process_exited()
-        if not self.exited.done():
-            self.exited.set_result(None)
-
-
-async def _terminate_group(
-    proc: asyncio.subprocess.Process,
-    exited: asyncio.Future[None],
-    grace_s: float,
-) -> None:
-    """SIGTERM to the whole group, then SIGKILL after the grace: grandchildren included."""
-    _signal_group(proc.pid, signal.SIGTERM)
-    try:
-        async with asyncio.timeout(grace_s):
-            await asyncio.shield(exited)
-    except TimeoutError:
-        pass
-    _signal_group(proc.pid, signal.SIGKILL)
-    await asyncio.shield(exited)
-
-
 class ExecProcessor:
     """The sendmail/postfix pipe, minus the shell."""
 
     async def run(self, request: ProcessRequest) -> ProcessResult:
         started = time.monotonic()
         out, err = OutputCapture(request.tail_bytes), OutputCapture(request.tail_bytes)
-        loop = asyncio.get_running_loop()
+        starting = asyncio.ensure_future(
+            Child.start(
+                request.argv,
+                stdin_path=request.stdin_path,
+                env=request.env,
+                cwd=request.cwd,
+                read_limit=STREAM_CHUNK_BYTES,
+            ),
+        )
         try:
-            # The child reads the spool file itself: no copy of the mail passes through us.
-            with request.stdin_path.open("rb") as stdin:
-                transport, protocol = await loop.subprocess_exec(
-                    lambda: _ExitAwareProtocol(loop),
-                    *request.argv,
-                    stdin=stdin,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
-                    env=request.env,
-                    cwd=request.cwd,
-                    # Own process group: a timeout or a lost lease kills grandchildren too.
-                    process_group=0,
-                    close_fds=True,
-                )
+            child = await asyncio.shield(starting)
         except OSError as exc:
             return ProcessResult(
                 transport_error=f"spawn failed: {exc.strerror or exc}",
                 duration_s=time.monotonic() - started,
             )
-        proc = asyncio.subprocess.Process(transport, protocol, loop)
-        pumps = asyncio.gather(_pump(proc.stdout, out), _pump(proc.stderr, err))
+        except asyncio.CancelledError:
+            # Cancelled while the process was being started: it must not outlive us.
+            with contextlib.suppress(OSError):
+                late = await starting
+                await late.terminate_group(request.kill_grace_s)
+                late.close()
+            raise
+        pumps = asyncio.gather(_pump(child.stdout, out), _pump(child.stderr, err))
         timed_out = False
         try:
             try:
                 async with asyncio.timeout(request.timeout_s):
-                    await asyncio.shield(protocol.exited)
+                    await asyncio.shield(child.exited)
             except TimeoutError:
                 timed_out = True
-                await _terminate_group(proc, protocol.exited, request.kill_grace_s)
+                await child.terminate_group(request.kill_grace_s)
         except asyncio.CancelledError:
             # Lost lease or forced shutdown: nobody may keep running on our behalf.
-            await asyncio.shield(_terminate_group(proc, protocol.exited, request.kill_grace_s))
+            await asyncio.shield(child.terminate_group(request.kill_grace_s))
             pumps.cancel()
-            transport.close()
+            child.close()
             raise
         try:
             async with asyncio.timeout(PIPE_DRAIN_S):
@@ -175,12 +140,12 @@ class ExecProcessor:
             pass
         finally:
             # Whatever the processor left behind in its group goes with it.
-            _signal_group(proc.pid, signal.SIGKILL)
+            child.signal_group(signal.SIGKILL)
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 async with asyncio.timeout(PIPE_DRAIN_S):
                     await pumps
-            transport.close()
-        returncode = transport.get_returncode()
+            child.close()
+        returncode = child.returncode()
         return ProcessResult(
             exit_code=returncode if returncode is not None and returncode >= 0 else None,
             signal=-returncode if returncode is not None and returncode < 0 else None,
