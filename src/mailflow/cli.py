@@ -112,7 +112,7 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
-    from mailflow.worker import health_age_s  # noqa: PLC0415
+    from mailflow.health import health_age_s  # noqa: PLC0415
 
     age = health_age_s(settings.heartbeat_file)
     if age is None:

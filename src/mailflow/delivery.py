@@ -11,7 +11,7 @@ import contextlib
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +83,8 @@ def base_env(settings: Settings) -> dict[str, str]:
 
 
 class Deliverer:
-    """Runs attempts. Holds no per-delivery state; the worker registers leases for heartbeat."""
+    """Runs attempts. Holds no per-delivery state: the caller passes the dict in which a
+    claimed lease is published for the heartbeat (and removed when the attempt ends)."""
 
     def __init__(
         self,
@@ -94,8 +95,6 @@ class Deliverer:
         *,
         worker_id: str,
         spool_dir: Path,
-        register_lease: Callable[[DeliveryKey, str], Awaitable[None] | None],
-        unregister_lease: Callable[[DeliveryKey], None],
         shutting_down: Callable[[], bool] = lambda: False,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -105,8 +104,6 @@ class Deliverer:
         self.processor = processor
         self.worker_id = worker_id
         self.spool_dir = spool_dir
-        self._register = register_lease
-        self._unregister = unregister_lease
         self._shutting_down = shutting_down
         self._clock = clock
         self._env = base_env(settings)
@@ -181,7 +178,13 @@ class Deliverer:
             )
         )
 
-    async def deliver(self, ref: MailRef, plan: DeliveryPlan, recipient: str) -> Fate:
+    async def deliver(
+        self,
+        ref: MailRef,
+        plan: DeliveryPlan,
+        recipient: str,
+        leases: dict[DeliveryKey, str] | None = None,
+    ) -> Fate:
         key = DeliveryKey(ref.mail_id, recipient)
         token = secrets.token_hex(16)
         claim = await self.ledger.claim(
@@ -193,13 +196,13 @@ class Deliverer:
         )
         if isinstance(claim, Busy):
             return self._busy_fate(ref, recipient, claim)
-        registered = self._register(key, token)
-        if registered is not None:
-            await registered
+        if leases is not None:
+            leases[key] = token  # from now on the heartbeat renews it
         try:
             return await self._attempt(ref, plan, key, claim)
         finally:
-            self._unregister(key)
+            if leases is not None:
+                leases.pop(key, None)
 
     def _busy_fate(self, ref: MailRef, recipient: str, busy: Busy) -> Fate:
         log.info(

@@ -16,13 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import json
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -33,6 +31,7 @@ from mailflow.delivery import DONE, STAMPS, Deliverer, Fate
 from mailflow.errors import BadNotificationError, MailflowError, TransientError
 from mailflow.exitcodes import EXIT_DRAIN_TIMEOUT, EXIT_OK
 from mailflow.fairness import KeyGate
+from mailflow.health import LoopLagProbe, write_health
 from mailflow.ledger import DeliveryKey, Ledger
 from mailflow.notification import MailRef, check_trusted, parse_body
 from mailflow.processor import ExecProcessor, Processor
@@ -41,12 +40,6 @@ from mailflow.routing import DeliveryPlan, Unroutable
 from mailflow.store import make_spool_dir
 
 log = structlog.get_logger("mailflow.worker")
-
-#: Opt-in event-loop lag canary (bench, diagnosis): any value logs `loop_lag` (p50/p99/max) at
-#: shutdown; a value with a `/` is also a path that gets the samples, [[epoch_s, lag_ms], ...].
-LOOP_LAG_PROBE_ENV = "MAILFLOW_LOOP_LAG_PROBE"
-LOOP_LAG_INTERVAL_S = 0.005
-LOOP_LAG_MAX_SAMPLES = 500_000
 
 #: After a backend failure, how soon the message may be tried again (SQS redelivers it).
 TRANSIENT_PAUSE_S = 15.0
@@ -159,8 +152,6 @@ class Worker:
             self.processor,
             worker_id=self.worker_id,
             spool_dir=spool_dir,
-            register_lease=self._register_lease,
-            unregister_lease=self._unregister_lease,
             shutting_down=self.stop.is_set,
             clock=self._clock,
         )
@@ -406,7 +397,11 @@ class Worker:
             key = DeliveryKey(ref.mail_id, recipient)
             ctx = contextvars.copy_context()  # this delivery's own latency stamps
             ctx.run(STAMPS.set, {"received": msg.received_at_s, "admitted": admitted})
-            task = asyncio.create_task(self.deliverer.deliver(ref, plan, recipient), context=ctx)
+            # One lease dict per held message: a worker can hold the same delivery twice (a
+            # stalled run and its own takeover), and each run's lease is renewed on its own.
+            task = asyncio.create_task(
+                self.deliverer.deliver(ref, plan, recipient, held.leases), context=ctx
+            )
             held.tasks[key] = task
             try:
                 return await task
@@ -457,22 +452,6 @@ class Worker:
 
     # --- leases and heartbeat ---------------------------------------------------------------
 
-    def _register_lease(self, key: DeliveryKey, token: str) -> Awaitable[None] | None:
-        # Only on the message whose delivery task is calling: one worker can hold the same
-        # delivery twice (a stalled run and its own takeover), and each run's lease must be
-        # renewed and checked on its own, or the stale run's lost lease goes unnoticed.
-        current = asyncio.current_task()
-        for held in self._held.values():
-            if held.tasks.get(key) is current:
-                held.leases[key] = token
-        return None
-
-    def _unregister_lease(self, key: DeliveryKey) -> None:
-        current = asyncio.current_task()
-        for held in self._held.values():
-            if held.tasks.get(key) is current:
-                held.leases.pop(key, None)
-
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.s.heartbeat_interval_s)
@@ -521,55 +500,4 @@ class Worker:
             await asyncio.sleep(min(5.0, self.s.heartbeat_max_age_s / 3))
 
 
-class LoopLagProbe:
-    """A canary task: sleeps a fixed interval and records how late it woke (blocked loop)."""
-
-    def __init__(self, target: str, interval_s: float = LOOP_LAG_INTERVAL_S) -> None:
-        self.target = target
-        self.interval_s = interval_s
-        self.samples: list[tuple[float, float]] = []
-
-    @classmethod
-    def from_env(cls) -> LoopLagProbe | None:
-        target = os.environ.get(LOOP_LAG_PROBE_ENV, "")
-        return cls(target) if target else None
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while len(self.samples) < LOOP_LAG_MAX_SAMPLES:
-            start = loop.time()
-            await asyncio.sleep(self.interval_s)
-            lag_s = loop.time() - start - self.interval_s
-            self.samples.append((round(time.time(), 4), round(lag_s * 1000, 3)))
-
-    def report(self) -> None:
-        lags = sorted(lag for _, lag in self.samples)
-        if lags:
-            log.info(
-                "loop_lag",
-                samples=len(lags),
-                p50_ms=lags[len(lags) // 2],
-                p99_ms=lags[min(len(lags) - 1, len(lags) * 99 // 100)],
-                max_ms=lags[-1],
-            )
-        if "/" in self.target:
-            with contextlib.suppress(OSError):
-                Path(self.target).write_text(json.dumps(self.samples), encoding="utf-8")
-
-
-def write_health(path: Path, doc: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with contextlib.suppress(OSError):
-        tmp.write_text(json.dumps(doc), encoding="utf-8")
-        tmp.replace(path)
-
-
-def health_age_s(path: Path, now: float | None = None) -> float | None:
-    try:
-        mtime = path.stat().st_mtime
-    except OSError:
-        return None
-    return (now if now is not None else time.time()) - mtime
-
-
-__all__ = ["DONE", "Worker", "health_age_s", "make_processor"]
+__all__ = ["DONE", "Worker", "make_processor"]
