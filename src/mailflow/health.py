@@ -21,6 +21,7 @@ LOOP_LAG_PROBE_ENV = "MAILFLOW_LOOP_LAG_PROBE"
 LOOP_LAG_INTERVAL_S = 0.005
 LOOP_LAG_MAX_SAMPLES = 500_000
 
+
 class LoopLagProbe:
     """A canary task: sleeps a fixed interval and records how late it woke (blocked loop)."""
 

@@ -162,7 +162,10 @@ async def receive_mail(
         # this, the orphan scan would also deliver the unannounced first copy.
         with contextlib.suppress(MailflowError):
             await aws.call(
-                "s3.DeleteObject", clients.s3.delete_object, Bucket=settings.bucket, Key=key,
+                "s3.DeleteObject",
+                clients.s3.delete_object,
+                Bucket=settings.bucket,
+                Key=key,
             )
         raise
     return mail_id
