@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from chaos.procs import kill_tree, log_events, start_worker, vm_hwm_kib, wait_for
+from chaos.procs import log_events, reap, start_worker, vm_hwm_kib, wait_for
 from conftest import Env, require_binary
 from hostile_corpus import hostile_mails
 from mailflow.aws import open_clients
@@ -216,8 +216,7 @@ def test_hostile_corpus_end_to_end(env: Env, tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
     finally:
-        if proc.poll() is None:
-            kill_tree(proc.pid)
+        reap(proc)
     print(
         f"\nhostile corpus: {len(corpus)} mails (largest {MAX_MAIL_BYTES + 1} bytes),"
         f" {len(hostile_recipients)} hostile recipients, {len(notifications)} hostile"

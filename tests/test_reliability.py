@@ -23,7 +23,7 @@ import aioboto3
 import pytest
 import structlog
 
-from chaos.procs import alive, kill_tree, log_events, start_worker, wait_for
+from chaos.procs import alive, kill_tree, log_events, reap, start_worker, wait_for
 from chaos.proxy import FaultPlan, FaultProxy
 from conftest import SIMPLE_MAIL, Env, all_terminal, require_binary
 from mailflow import aws
@@ -767,8 +767,7 @@ def test_sigterm_drains_running_deliveries_and_hands_back_the_rest(
         code = proc.wait(45)  # well before the 60 s grace: only the running two are awaited
         took = time.monotonic() - signalled
     finally:
-        if proc.poll() is None:
-            kill_tree(proc.pid)
+        reap(proc)
     print(f"\nSIGTERM → exit {code} in {took:.1f}s (worker's drain_s={_drained_s(log)})")
     assert code == EXIT_OK
     records = _records(env, mail_ids)
@@ -800,8 +799,7 @@ def test_drain_past_the_grace_kills_processors_and_another_worker_finishes(
         code = proc.wait(40)
         took = time.monotonic() - signalled
     finally:
-        if proc.poll() is None:
-            kill_tree(proc.pid)
+        reap(proc)
     print(
         f"\nSIGTERM past the grace → exit {code} in {took:.1f}s"
         f" (worker's drain_s={_drained_s(log)})"
@@ -842,8 +840,7 @@ def test_a_second_signal_hurries_the_drain(env: Env, php: str, tmp_path: Path) -
         code = proc.wait(30)  # the processor would run 40 s, the grace is 90 s
         took = time.monotonic() - signalled
     finally:
-        if proc.poll() is None:
-            kill_tree(proc.pid)
+        reap(proc)
     print(f"\nSIGTERM, SIGTERM → exit {code} in {took:.1f}s (worker's drain_s={_drained_s(log)})")
     assert code == EXIT_DRAIN_TIMEOUT
     (rec,) = _records(env, mail_ids)
@@ -863,8 +860,7 @@ def test_sigterm_with_nothing_running_exits_at_once(env: Env, tmp_path: Path) ->
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(30)
     finally:
-        if proc.poll() is None:
-            kill_tree(proc.pid)
+        reap(proc)
     assert code == EXIT_OK
 
 

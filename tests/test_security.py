@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from chaos.procs import kill_tree, start_worker, wait_for
+from chaos.procs import reap, start_worker, wait_for
 from conftest import REPO, SIMPLE_MAIL, TESTS, Env, all_terminal, require_binary, run_worker_until
 from mailflow.aws import AwsClients, open_clients
 from mailflow.config import Route
@@ -153,7 +153,7 @@ def test_processor_cannot_read_the_workers_environment_through_proc(
         try:
             proc.wait(30)
         finally:
-            kill_tree(proc.pid)
+            reap(proc)
     assert "planted-guid" not in json.dumps(report["env"])
     assert not report["parent_environ_planted"]
     assert not report["parent_environ_readable"], "the worker's environment is readable"

@@ -127,6 +127,14 @@ def kill_tree(pid: int) -> set[int]:
     return kids
 
 
+def reap(proc: subprocess.Popen[bytes]) -> None:
+    """However a test ended: a worker still running is killed (tree) and waited for."""
+    if proc.poll() is None:
+        kill_tree(proc.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+
+
 def vm_hwm_kib(pid: int) -> int | None:
     """Peak resident set size (VmHWM) of a live process, in KiB."""
     with contextlib.suppress(OSError):
