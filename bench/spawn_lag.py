@@ -1,7 +1,7 @@
 """Event-loop lag while processors start: mailflow's ExecProcessor against the plain
 `asyncio.create_subprocess_exec` baseline, measured in the same run, same machine.
 
-    .venv/bin/python bench/spawn_lag.py [--runs 200] [--concurrency 16] [--command 'php -r usleep(100000);']
+    .venv/bin/python bench/spawn_lag.py [--runs 200] [--concurrency 16] [--command CMD]
 
 A canary task sleeps 1 ms at a time and records how late it wakes: that lateness is what every
 other delivery's heartbeat and I/O would suffer. Prints p50/p99/max for both, and the ratio.
@@ -89,9 +89,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         stdin = Path(tmp) / "mail"
         stdin.write_bytes(b"Subject: x\r\n\r\nbody\r\n")
-        results = []
-        for kind in ("asyncio", "mailflow", "asyncio", "mailflow"):  # interleaved: fair noise
-            results.append(asyncio.run(measure(kind, argv, stdin, args.runs, args.concurrency)))
+        results = [  # interleaved, so both see the same machine noise
+            asyncio.run(measure(kind, argv, stdin, args.runs, args.concurrency))
+            for kind in ("asyncio", "mailflow", "asyncio", "mailflow")
+        ]
     print(f"command: {args.command!r}, {args.runs} runs, {args.concurrency} at a time")
     print("| spawner | runs/s | loop lag p50 (ms) | p99 (ms) | max (ms) |")
     print("|---|---:|---:|---:|---:|")
