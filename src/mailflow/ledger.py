@@ -136,6 +136,12 @@ class _Update:
         n = self.name(attr)
         self.sets.append(f"{n} = if_not_exists({n}, {self.value(attr, value)})")
 
+    def append_history(self, entry: Mapping[str, Any]) -> None:
+        """One attempt's entry at the end of `history` (created on first use)."""
+        history = self.name("history")
+        empty, new = self.value("empty", []), self.value("entry", [dict(entry)])
+        self.sets.append(f"{history} = list_append(if_not_exists({history}, {empty}), {new})")
+
     def remove(self, attr: str) -> None:
         self.removes.append(self.name(attr))
 
@@ -275,11 +281,7 @@ class Ledger:
         # Which attempt wrote this outcome: only that attempt may mistake a failed condition
         # for its own earlier write (the reconciler's writes keep the lease token, not this).
         upd.set("outcome_token", token)
-        history = upd.name("history")
-        upd.sets.append(
-            f"{history} = list_append(if_not_exists({history}, {upd.value('empty', [])}),"
-            f" {upd.value('entry', [dict(history_entry)])})",
-        )
+        upd.append_history(history_entry)
         condition = (
             f"{upd.name('lease_token')} = {upd.value('token', token)}"
             f" AND {upd.name('status')} = {upd.value('processing', Status.PROCESSING.value)}"
@@ -551,11 +553,7 @@ class Ledger:
             upd.set(attr, value)
         for attr in ("lease_owner", "lease_expires_at", "next_attempt_at"):
             upd.remove(attr)
-        history = upd.name("history")
-        upd.sets.append(
-            f"{history} = list_append(if_not_exists({history}, {upd.value('empty', [])}),"
-            f" {upd.value('entry', [dict(entry)])})",
-        )
+        upd.append_history(entry)
         try:
             return await self._update(
                 "ddb.fail_stale",
@@ -591,11 +589,7 @@ class Ledger:
                 upd.remove(attr)
             else:
                 upd.set(attr, value)
-        history = upd.name("history")
-        upd.sets.append(
-            f"{history} = list_append(if_not_exists({history}, {upd.value('empty', [])}),"
-            f" {upd.value('entry', [dict(entry)])})",
-        )
+        upd.append_history(entry)
         st = upd.name("status")
         condition = " OR ".join(
             f"{st} = {upd.value(f'expect{i}', s.value)}" for i, s in enumerate(expect)
