@@ -31,7 +31,7 @@ typecheck: $(STAMP)
 
 ## chaos: the full chaos run (≥ 300 deliveries, kills, faults); prints one summary line
 chaos: $(STAMP)
-	$(BIN)/python tests/chaos/run.py --deliveries 300
+	$(BIN)/python tests/chaos/run.py --deliveries 300 --workers 2 --kills 4
 
 ## bench: throughput / CPU / latency / RSS against a naive consumer, same run, same backend
 bench: $(STAMP)
