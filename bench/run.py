@@ -50,6 +50,16 @@ import boto3
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
+
+
+def _shown(path: Path) -> str:
+    """A path for the results file: relative to the repository, so no machine path lands."""
+    try:
+        return str(path.resolve().relative_to(REPO.resolve()))
+    except ValueError:
+        return path.name
+
+
 sys.path.insert(0, str(REPO / "src"))
 
 from mailflow.aws import open_clients  # noqa: E402
@@ -1005,7 +1015,7 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {
         "machine": machine(),
         "backend": moto.name,
-        "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "params": {k: (_shown(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "skipped": [],
     }
     try:
