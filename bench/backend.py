@@ -18,7 +18,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from mailflow import motoserver
+from mailflow.dev import motoserver
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 _inner = motoserver._serialize_dynamodb  # noqa: SLF001 - the one wrapping point it offers

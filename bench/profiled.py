@@ -1,6 +1,6 @@
 """Run `mailflow worker` under cProfile with a CPU-time clock (waits do not count).
 
-    python bench/profiled.py OUT.prof   # same environment as `python -m mailflow.cli worker`
+    python bench/profiled.py OUT.prof   # same environment as `python -m mailflow worker`
 
 `bench/run.py --profile DIR` uses it; read the result with
 `python -c "import pstats; pstats.Stats('OUT.prof').sort_stats('cumtime').print_stats(40)"`.
@@ -12,7 +12,7 @@ import cProfile
 import sys
 import time
 
-from mailflow.cli import main
+from mailflow.cli.app import main
 
 if __name__ == "__main__":
     profile = cProfile.Profile(time.process_time)

@@ -6,9 +6,9 @@
 Phases (each on fresh resources of one embedded moto server, a subprocess):
 
 1. naive     bench/naive.py, one message at a time (boto3), N deliveries.
-2. worker    `python -m mailflow.cli worker` (exec transport), N deliveries.
+2. worker    `python -m mailflow worker` (exec transport), N deliveries.
 3. fastcgi   the same worker with the fastcgi transport against sidecar/run-local (php-fpm),
-             when mailflow.fastcgi_transport, sidecar/run-local and php-fpm exist.
+             when mailflow.processors.fastcgi, sidecar/run-local and php-fpm exist.
 4. rss       16 concurrent 40 MiB mails through a fresh worker: its VmHWM.
 5. fairness  a flood of one store (max_in_flight_per_key=1), then one mail of another store:
              how long the lone mail takes, in units of one flood delivery's time.
@@ -64,8 +64,8 @@ sys.path.insert(0, str(REPO / "src"))
 
 from mailflow.aws import open_clients  # noqa: E402
 from mailflow.config import Route, Settings  # noqa: E402
-from mailflow.provision import provision  # noqa: E402
-from mailflow.ses import received_notification  # noqa: E402
+from mailflow.dev.provision import provision  # noqa: E402
+from mailflow.dev.ses import received_notification  # noqa: E402
 
 PHP_PROCESSOR = BENCH / "processor.php"
 PY_PROCESSOR = BENCH / "processor.py"
@@ -452,7 +452,7 @@ PROFILE_DIR: list[Path] = []
 
 
 def worker_consumer(name: str, phase: Phase, window: tuple[int, int], **env: str) -> Consumer:
-    argv = [sys.executable, "-m", "mailflow.cli", "worker"]
+    argv = [sys.executable, "-m", "mailflow", "worker"]
     if PROFILE_DIR:  # CPU-time profile (bench/profiled.py)
         argv = [sys.executable, str(BENCH / "profiled.py"), str(PROFILE_DIR[0] / f"{name}.prof")]
     return Consumer(
@@ -779,7 +779,7 @@ def run_fairness(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 def start_fpm(args: argparse.Namespace, tmp: Path) -> tuple[subprocess.Popen[bytes], str] | None:
     run_local = REPO / "sidecar" / "run-local"
     try:
-        import mailflow.fastcgi_transport  # noqa: F401, PLC0415
+        import mailflow.processors.fastcgi  # noqa: F401, PLC0415
     except ImportError:
         return None
     search = os.environ.get("PATH", "") + ":/usr/sbin:/usr/local/sbin"
@@ -1029,7 +1029,7 @@ def main(argv: list[str] | None = None) -> int:
                 fpm = start_fpm(args, tmp)
                 if fpm is None:
                     res["skipped"].append(
-                        "fastcgi (no mailflow.fastcgi_transport, run-local or php-fpm)"
+                        "fastcgi (no mailflow.processors.fastcgi, run-local or php-fpm)"
                     )
                 else:
                     print("bench: fastcgi …", file=sys.stderr, flush=True)

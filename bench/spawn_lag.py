@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mailflow.processor import ExecProcessor, ProcessRequest
+from mailflow.processors.exec import ExecProcessor, ProcessRequest
 
 CANARY_S = 0.001
 

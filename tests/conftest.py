@@ -25,12 +25,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from mailflow.aws import AwsClients, open_clients
+from mailflow.aws.ledger import TERMINAL, Ledger
 from mailflow.config import Route, Settings
-from mailflow.ledger import TERMINAL, Ledger
-from mailflow.motoserver import MotoServer
-from mailflow.provision import provision
-from mailflow.ses import receive_mail
-from mailflow.worker import Worker
+from mailflow.dev.motoserver import MotoServer
+from mailflow.dev.provision import provision
+from mailflow.dev.ses import receive_mail
+from mailflow.worker.loop import Worker
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
@@ -257,7 +257,7 @@ def start_worker_process(settings: Settings, log_path: Path) -> Any:
 
     with log_path.open("ab") as log:  # the child keeps its own descriptor
         return subprocess.Popen(
-            [sys.executable, "-m", "mailflow.cli", "worker"],
+            [sys.executable, "-m", "mailflow", "worker"],
             env=settings_env(settings),
             stdout=log,
             stderr=log,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from mailflow.fastcgi import (
+from mailflow.processors.fastcgi_codec import (
     RecordType,
     ResponseParser,
     Stdout,

@@ -18,7 +18,7 @@ def _dev(tmp_path: Path, path_env: str) -> tuple[subprocess.CompletedProcess[str
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MAILFLOW_"))}
     env |= {"ORDERS_DIR": str(orders), "PATH": path_env, "MAILFLOW_LOG_FORMAT": "json"}
     proc = subprocess.run(
-        [sys.executable, "-m", "mailflow.cli", "dev", "--exit-when-done"],
+        [sys.executable, "-m", "mailflow", "dev", "--exit-when-done"],
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -24,9 +24,9 @@ import pytest
 
 from conftest import Env, require_binary, run_worker_until
 from mailflow.aws import AwsClients, open_clients
+from mailflow.aws.ledger import TERMINAL
 from mailflow.config import Route
-from mailflow.ledger import TERMINAL
-from mailflow.ses import received_notification, topic_arn
+from mailflow.dev.ses import received_notification, topic_arn
 
 #: The lone store's mail may take at most this many flood deliveries' time.
 K_DELIVERIES = 10

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailflow.errors import TransientError
-from mailflow.fastcgi import (
+from mailflow.processors.fastcgi_codec import (
     HEADER_LEN,
     MAX_CONTENT_LEN,
     CGIResponse,

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from mailflow.fastcgi_transport import FastCGIAddress, FastCGIProcessor
 from mailflow.outcome import ProcessResult, Verdict, classify
-from mailflow.processor import ExecProcessor, ProcessRequest
+from mailflow.processors.exec import ExecProcessor, ProcessRequest
+from mailflow.processors.fastcgi import FastCGIAddress, FastCGIProcessor
 from php_fpm import (
     RUNNER_SCRIPT,
     fastcgi_get,

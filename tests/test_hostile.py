@@ -22,10 +22,10 @@ from chaos.procs import log_events, reap, start_worker, vm_hwm_kib, wait_for
 from conftest import Env, require_binary
 from hostile_corpus import hostile_mails
 from mailflow.aws import open_clients
+from mailflow.aws.ledger import TERMINAL
+from mailflow.dev.ses import new_message_id, received_notification
 from mailflow.exitcodes import EXIT_OK
-from mailflow.ledger import TERMINAL
 from mailflow.routing import delivery_id
-from mailflow.ses import new_message_id, received_notification
 
 MAX_MAIL_BYTES = 512 * 1024
 TOPIC_ARN = "arn:aws:sns:us-east-1:123456789012:hostile"

@@ -1,4 +1,4 @@
-"""mailflow.mail: header summary, Japanese charsets, hostile input. No network, no AWS."""
+"""mailflow.mail.summary: header summary, Japanese charsets, hostile input. No network, no AWS."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hostile_corpus import hostile_mails
-from mailflow import charsets, mail
-from mailflow.mail import (
+from mailflow.mail import charsets
+from mailflow.mail import summary as mail
+from mailflow.mail.summary import (
     HEAD_BUDGET_BYTES,
     MailSummary,
     header_addresses,

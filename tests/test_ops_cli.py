@@ -1,4 +1,4 @@
-"""Operator commands as real processes (`python -m mailflow.cli ...`) against the moto server."""
+"""Operator commands as real processes (`python -m mailflow ...`) against the moto server."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import pytest
 
 from conftest import BEHAVE, SIMPLE_MAIL, Env, all_terminal, require_binary, run_worker_until
 from mailflow.aws import open_clients
+from mailflow.aws.ledger import DeliveryKey, Ledger
 from mailflow.config import Route
-from mailflow.ledger import DeliveryKey, Ledger
-from mailflow.ses import ses_headers
+from mailflow.dev.ses import ses_headers
 from test_reconcile import cli_env, mail_to, obj
 
 #: "The legacy script was fixed": every store address now runs behave.php in `ok` mode.
@@ -41,7 +41,7 @@ def mailflow(
 ) -> subprocess.CompletedProcess[str]:
     run_env = cli_env(env, **(extra or {})) if env else {**os.environ, **(extra or {})}
     done = subprocess.run(
-        [sys.executable, "-m", "mailflow.cli", *args],
+        [sys.executable, "-m", "mailflow", *args],
         env=run_env,
         capture_output=True,
         text=True,
@@ -277,7 +277,7 @@ def test_parse_shows_summary_and_route_without_aws(env: Env, tmp_path: Path) -> 
     no_aws["AWS_ENDPOINT_URL"] = "http://127.0.0.1:9"  # nothing listens: any call would fail
     doc = json.loads(
         subprocess.run(
-            [sys.executable, "-m", "mailflow.cli", "parse", str(path), "--json"],
+            [sys.executable, "-m", "mailflow", "parse", str(path), "--json"],
             env=no_aws,
             capture_output=True,
             text=True,

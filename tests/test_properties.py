@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 
 from mailflow.backoff import retry_delay_s
 from mailflow.config import Route
+from mailflow.dev.ses import received_notification
 from mailflow.errors import BadNotificationError
-from mailflow.notification import MailRef, check_trusted, parse_body
+from mailflow.mail.notification import MailRef, check_trusted, parse_body
 from mailflow.routing import (
     SAFE_VALUE,
     DeliveryPlan,
@@ -27,7 +28,6 @@ from mailflow.routing import (
     plan_delivery,
     render_argv,
 )
-from mailflow.ses import received_notification
 
 PROPS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -14,10 +14,10 @@ import pytest
 
 from conftest import SIMPLE_MAIL, Env, all_terminal, require_binary, run_worker_until
 from mailflow.aws import AwsClients, open_clients
-from mailflow.ledger import DeliveryKey, Ledger, Status
-from mailflow.queue import Queue
-from mailflow.reconcile import Options, PassReport, Reconciler
-from mailflow.ses import new_message_id, ses_headers
+from mailflow.aws.ledger import DeliveryKey, Ledger, Status
+from mailflow.aws.queue import Queue
+from mailflow.dev.ses import new_message_id, ses_headers
+from mailflow.ops.reconcile import Options, PassReport, Reconciler
 
 NOW_OPTIONS = Options(grace_s=0, archive_grace_s=0, orphan_age_s=0)
 
@@ -144,7 +144,7 @@ def test_two_reconcile_processes_at_once_dry_run_first(env: Env) -> None:
 
     mails = asyncio.run(scenario())
     originals = {n: obj(env, f"incoming/{m}") or b"" for n, m in mails.items()}
-    base = [sys.executable, "-m", "mailflow.cli", "reconcile", "--json", "--archive-grace", "0"]
+    base = [sys.executable, "-m", "mailflow", "reconcile", "--json", "--archive-grace", "0"]
     dry = subprocess.run(
         [*base, "--dry-run"],
         env=cli_env(env),
@@ -321,7 +321,7 @@ def test_archive_bucket_and_per_pass_limit(env: Env) -> None:
 
 
 def test_not_ready_waits_for_every_recipient_and_the_grace() -> None:
-    from mailflow.archive import not_ready  # noqa: PLC0415
+    from mailflow.ops.archive import not_ready  # noqa: PLC0415
 
     done = {"mail_id": "m", "recipient": "a@x", "status": "succeeded", "finished_at": 100.0}
     assert not_ready([done], now=200, grace_s=60) is None
@@ -334,9 +334,9 @@ def test_not_ready_waits_for_every_recipient_and_the_grace() -> None:
 
 
 def test_orphan_envelope_and_requeue_body_keep_ses_verdicts() -> None:
-    from mailflow.notification import parse_body  # noqa: PLC0415
-    from mailflow.reconcile import orphan_envelope, requeue_body  # noqa: PLC0415
-    from mailflow.store import Location  # noqa: PLC0415
+    from mailflow.aws.store import Location  # noqa: PLC0415
+    from mailflow.mail.notification import parse_body  # noqa: PLC0415
+    from mailflow.ops.reconcile import orphan_envelope, requeue_body  # noqa: PLC0415
 
     head = ses_headers(
         "m1",

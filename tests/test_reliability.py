@@ -28,14 +28,14 @@ from chaos.proxy import FaultPlan, FaultProxy
 from conftest import SIMPLE_MAIL, Env, all_terminal, require_binary
 from mailflow import aws
 from mailflow.aws import AwsClients, AwsPermanentError, client_config, open_clients
+from mailflow.aws.ledger import Busy, Claimed, DeliveryKey, Ledger, Status
+from mailflow.aws.queue import Queue
 from mailflow.config import Settings
+from mailflow.dev.ses import received_notification
 from mailflow.errors import LeaseLostError, TransientError
 from mailflow.exitcodes import EXIT_DRAIN_TIMEOUT, EXIT_OK
-from mailflow.ledger import Busy, Claimed, DeliveryKey, Ledger, Status
-from mailflow.queue import Queue
 from mailflow.routing import delivery_id
-from mailflow.ses import received_notification
-from mailflow.worker import Worker
+from mailflow.worker.loop import Worker
 
 
 @pytest.fixture

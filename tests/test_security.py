@@ -18,11 +18,11 @@ import pytest
 from chaos.procs import reap, start_worker, wait_for
 from conftest import REPO, SIMPLE_MAIL, TESTS, Env, all_terminal, require_binary, run_worker_until
 from mailflow.aws import AwsClients, open_clients
+from mailflow.aws.store import make_spool_dir, spooled
 from mailflow.config import Route
 from mailflow.errors import BadNotificationError, ObjectMissingError, TooLargeError
-from mailflow.notification import MailRef, check_trusted
+from mailflow.mail.notification import MailRef, check_trusted
 from mailflow.routing import MAX_RECIPIENT_CHARS, DeliveryPlan, Unroutable, plan_delivery
-from mailflow.store import make_spool_dir, spooled
 
 SRC = REPO / "src" / "mailflow"
 PROBE = TESTS / "chaos" / "inspect.php"

@@ -1,6 +1,6 @@
 """The SES-receiving SMTP emulator, over real SMTP on loopback, against a real moto server.
 
-smtplib → mailflow.smtp_emulator (aiosmtpd) → S3 PutObject + SNS Publish (moto over HTTP)
+smtplib → mailflow.dev.smtp (aiosmtpd) → S3 PutObject + SNS Publish (moto over HTTP)
 → SNS delivers to an SQS queue subscribed with boto3 here, as the production topic does.
 """
 
@@ -26,10 +26,12 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from mailflow import aws, notification, smtp_emulator
+from mailflow import aws
 from mailflow.config import Settings
+from mailflow.dev import smtp as smtp_emulator
+from mailflow.dev.smtp import EmulatorThread
 from mailflow.errors import ConfigError
-from mailflow.smtp_emulator import EmulatorThread
+from mailflow.mail import notification
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAIN = "orders.example.com"
@@ -364,7 +366,7 @@ def test_oversize_mail_gets_552_and_nothing_is_stored(aws_env):
 
 
 def test_aws_unreachable_gives_451_and_nothing_is_stored(pipeline, monkeypatch):
-    monkeypatch.setattr(aws, "CALL_ATTEMPTS", 2)  # fail fast: the point is the answer
+    monkeypatch.setattr(aws.boundary, "CALL_ATTEMPTS", 2)  # fail fast: the point is the answer
     # The emulator's clients are created from the environment when it starts: point them at
     # a port where nothing listens. The test's own boto3 clients still talk to moto.
     monkeypatch.setenv("AWS_ENDPOINT_URL", closed_port_url())
@@ -413,15 +415,15 @@ def _mailflow_cli() -> list[str]:
     exe = Path(sys.executable).with_name("mailflow")
     if exe.exists():
         return [str(exe)]
-    return [sys.executable, "-c", "import sys; from mailflow.cli import main; sys.exit(main())"]
+    return [sys.executable, "-c", "import sys; from mailflow.cli.app import main; sys.exit(main())"]
 
 
 @pytest.mark.slow
 def test_end_to_end_smtp_to_worker_delivery_succeeds(aws_env, tmp_path):
     try:
         # Lazily: the worker is written by someone else, and may not exist yet.
-        importlib.import_module("mailflow.worker")
-        importlib.import_module("mailflow.cli")
+        importlib.import_module("mailflow.worker.loop")
+        importlib.import_module("mailflow.cli.app")
     except ImportError as exc:
         pytest.skip(f"the worker is not importable yet ({exc}); the lead wires it up")
 

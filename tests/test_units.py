@@ -12,11 +12,11 @@ from pydantic import ValidationError
 
 from mailflow.backoff import retry_delay_s
 from mailflow.config import Route, Settings, describe_validation_error
+from mailflow.dev.ses import received_notification
 from mailflow.errors import BadNotificationError
-from mailflow.notification import check_trusted, parse_body, synthetic_notification
+from mailflow.mail.notification import check_trusted, parse_body, synthetic_notification
 from mailflow.outcome import ProcessResult, Verdict, classify
 from mailflow.routing import DeliveryPlan, Unroutable, address_parts, plan_delivery
-from mailflow.ses import received_notification
 
 ROUTE = Route(
     name="store",
@@ -47,7 +47,7 @@ ROUTE = Route(
 )
 def test_bad_setting_stops_start_with_one_line_and_exit_2(env: dict[str, str], needle: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "mailflow.cli", "worker"],
+        [sys.executable, "-m", "mailflow", "worker"],
         env={**os.environ, **env},
         capture_output=True,
         text=True,

@@ -330,7 +330,7 @@ def test_processor_env_is_clean(env: Env) -> None:
 
 
 def test_message_arriving_during_the_last_long_poll_is_given_back(env: Env) -> None:
-    from mailflow.worker import Worker  # noqa: PLC0415
+    from mailflow.worker.loop import Worker  # noqa: PLC0415
 
     settings = env.with_settings(wait_time_s=4, visibility_timeout_s=60, lease_s=60)
 

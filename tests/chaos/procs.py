@@ -1,6 +1,6 @@
 """Worker processes for the reliability, hostile and chaos tests: start, inspect, kill.
 
-A worker here is what ECS runs: `python -m mailflow.cli worker` with MAILFLOW_* variables,
+A worker here is what ECS runs: `python -m mailflow worker` with MAILFLOW_* variables,
 in its own session so that the test can signal its whole process group.
 """
 
@@ -67,7 +67,7 @@ def start_worker(
     `prefix` runs it through a wrapper (e.g. setpriv)."""
     with log_path.open("ab") as out:
         return subprocess.Popen(
-            [*prefix, sys.executable, "-m", "mailflow.cli", "worker"],
+            [*prefix, sys.executable, "-m", "mailflow", "worker"],
             env=worker_environ(settings, **extra),
             cwd=cwd,
             stdout=out,

@@ -3,7 +3,7 @@
     .venv/bin/python tests/chaos/run.py --deliveries 300 --workers 2 --kills 4
 
 What it does:
-- starts a moto server (`python -m mailflow.motoserver`, a subprocess) and a fault-injecting
+- starts a moto server (`python -m mailflow.dev.motoserver`, a subprocess) and a fault-injecting
   HTTP proxy in front of it (tests/chaos/proxy.py); provisions bucket, topic, queue + DLQ, table;
 - starts W `mailflow worker` processes (own sessions) whose AWS endpoint is the proxy, so a
   share of their AWS calls fail (500/503, throttling in each service's wire format, resets
@@ -59,11 +59,11 @@ if str(REPO / "src") not in sys.path:
 from chaos.procs import alive, children_of, kill_tree  # noqa: E402
 from chaos.proxy import FaultPlan, FaultProxy  # noqa: E402
 from mailflow.aws import open_clients  # noqa: E402
+from mailflow.aws.ledger import TERMINAL, deserialize  # noqa: E402
 from mailflow.config import Route, Settings  # noqa: E402
-from mailflow.ledger import TERMINAL, deserialize  # noqa: E402
-from mailflow.provision import provision  # noqa: E402
+from mailflow.dev.provision import provision  # noqa: E402
+from mailflow.dev.ses import new_message_id, received_notification, ses_headers  # noqa: E402
 from mailflow.routing import delivery_id  # noqa: E402
-from mailflow.ses import new_message_id, received_notification, ses_headers  # noqa: E402
 
 PROCESSOR = HERE / "processor.php"
 DOMAIN = "orders.example.com"
@@ -217,7 +217,7 @@ class Workers:
         env["MAILFLOW_HEARTBEAT_FILE"] = str(self.workdir / f"health-{slot}")
         with log_path.open("wb") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "mailflow.cli", "worker"],
+                [sys.executable, "-m", "mailflow", "worker"],
                 env=env,
                 cwd=self.workdir,
                 stdout=out,
@@ -351,7 +351,7 @@ def _sns_envelope(topic_arn: str, message: str) -> str:
 def start_moto(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     with (workdir / "moto.log").open("wb") as err:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mailflow.motoserver"],
+            [sys.executable, "-m", "mailflow.dev.motoserver"],
             stdout=subprocess.PIPE,
             stderr=err,
             stdin=subprocess.DEVNULL,

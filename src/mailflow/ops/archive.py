@@ -24,9 +24,8 @@ from typing import Any
 
 import structlog
 
-from mailflow.config import Settings
-from mailflow.ledger import TERMINAL, DeliveryKey, Ledger, Status
-from mailflow.store import (
+from mailflow.aws.ledger import TERMINAL, DeliveryKey, Ledger, Status
+from mailflow.aws.store import (
     CopyMismatchError,
     Location,
     ObjectInfo,
@@ -35,8 +34,9 @@ from mailflow.store import (
     head,
     verify_copy,
 )
+from mailflow.config import Settings
 
-log = structlog.get_logger("mailflow.archive")
+log = structlog.get_logger("mailflow.ops.archive")
 
 #: How long a per-mail lock holds when its owner dies without releasing it.
 LOCK_HOLD_S = 300.0

@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import IO, Any
 
-from mailflow.fastcgi import (
+from mailflow.outcome import ProcessResult
+from mailflow.processors.exec import ProcessRequest
+from mailflow.processors.fastcgi_codec import (
     ALIGNMENT,
     MAX_CONTENT_LEN,
     EndRequest,
@@ -45,8 +47,6 @@ from mailflow.fastcgi import (
     end_of_stream,
     parse_cgi_response,
 )
-from mailflow.outcome import ProcessResult
-from mailflow.processor import ProcessRequest
 
 #: One connection carries one request; any id from 1 up will do.
 REQUEST_ID = 1

@@ -6,7 +6,8 @@ racing claims on a new item both succeeding). Real DynamoDB never allows that, s
 wrapper serializes DynamoDB requests: the backend behaves like the real one, and mailflow's
 claim protocol is never weakened to suit a mock.
 
-Run standalone: `python -m mailflow.motoserver [--port N]` prints `MOTO_URL=http://…` when ready.
+Run standalone: `python -m mailflow.dev.motoserver [--port N]` prints `MOTO_URL=http://…`
+when ready.
 """
 
 from __future__ import annotations

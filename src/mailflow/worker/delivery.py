@@ -19,19 +19,19 @@ from typing import Any
 
 import structlog
 
+from mailflow.aws.ledger import Busy, Claimed, DeliveryKey, Ledger, Status, history_entry
+from mailflow.aws.store import spooled
 from mailflow.backoff import retry_delay_s
 from mailflow.config import Settings
 from mailflow.errors import LeaseLostError, ObjectMissingError, TooLargeError, TransientError
-from mailflow.ledger import Busy, Claimed, DeliveryKey, Ledger, Status, history_entry
-from mailflow.mail import MailSummary, summarize
+from mailflow.mail.notification import MailRef
+from mailflow.mail.summary import MailSummary, summarize
 from mailflow.metrics import emf
-from mailflow.notification import MailRef
 from mailflow.outcome import Outcome, ProcessResult, Verdict, classify
-from mailflow.processor import Processor, ProcessRequest
+from mailflow.processors.exec import Processor, ProcessRequest
 from mailflow.routing import DeliveryPlan, Unroutable, plan_delivery
-from mailflow.store import spooled
 
-log = structlog.get_logger("mailflow.delivery")
+log = structlog.get_logger("mailflow.worker.delivery")
 
 #: Per-delivery wall-clock stamps for the canonical line's latency breakdown. The worker sets a
 #: fresh dict (`received`, `admitted`) before it starts each delivery task; the deliverer adds

@@ -19,10 +19,10 @@ from pathlib import Path
 import structlog
 
 from mailflow import logs
+from mailflow.aws.ledger import TERMINAL, Ledger
 from mailflow.config import Route, Settings
 from mailflow.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK
-from mailflow.ledger import TERMINAL, Ledger
-from mailflow.mail import header_addresses, split_head
+from mailflow.mail.summary import header_addresses, split_head
 
 log = structlog.get_logger("mailflow.dev")
 
@@ -49,7 +49,7 @@ def run_dev(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     server = None
     if not os.environ.get("AWS_ENDPOINT_URL"):
-        from mailflow.motoserver import MotoServer  # noqa: PLC0415 - dev extra
+        from mailflow.dev.motoserver import MotoServer  # noqa: PLC0415 - dev extra
 
         server = MotoServer(port=args.port).start()
         os.environ["AWS_ENDPOINT_URL"] = server.url
@@ -94,9 +94,9 @@ def run_dev(args: argparse.Namespace) -> int:
 
 async def _dev(settings: Settings, *, exit_when_done: bool) -> int:
     from mailflow.aws import open_clients  # noqa: PLC0415
-    from mailflow.provision import provision  # noqa: PLC0415
-    from mailflow.ses import receive_mail, topic_arn  # noqa: PLC0415
-    from mailflow.worker import Worker  # noqa: PLC0415
+    from mailflow.dev.provision import provision  # noqa: PLC0415
+    from mailflow.dev.ses import receive_mail, topic_arn  # noqa: PLC0415
+    from mailflow.worker.loop import Worker  # noqa: PLC0415
 
     async with open_clients() as clients:
         await provision(clients, settings)

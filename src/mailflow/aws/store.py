@@ -21,7 +21,7 @@ from typing import Any
 from mailflow import aws
 from mailflow.aws import AwsPermanentError
 from mailflow.errors import ObjectMissingError, PermanentError, TooLargeError
-from mailflow.mail import HEAD_BUDGET_BYTES
+from mailflow.mail.summary import HEAD_BUDGET_BYTES
 
 CHUNK_BYTES = 256 * 1024
 MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})

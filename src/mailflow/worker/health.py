@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-log = structlog.get_logger("mailflow.health")
+log = structlog.get_logger("mailflow.worker.health")
 
 #: Opt-in event-loop lag canary (bench, diagnosis): any value logs `loop_lag` (p50/p99/max) at
 #: shutdown; a value with a `/` is also a path that gets the samples, [[epoch_s, lag_ms], ...].

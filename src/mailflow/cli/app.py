@@ -13,12 +13,13 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
-from mailflow import cli_ops, logs
+from mailflow import logs
+from mailflow.cli import ops as cli_ops
 from mailflow.config import Settings, describe_validation_error
 from mailflow.errors import MailflowError
 from mailflow.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK
 
-log = structlog.get_logger("mailflow.cli")
+log = structlog.get_logger("mailflow.cli.app")
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -39,8 +40,8 @@ def run_async(coro_fn: Callable[[], Coroutine[Any, Any, int]]) -> int:
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     from mailflow.aws import open_clients  # noqa: PLC0415 - keep `--help` fast
-    from mailflow.processor import forbid_environ_reads  # noqa: PLC0415
-    from mailflow.worker import Worker  # noqa: PLC0415
+    from mailflow.processors.exec import forbid_environ_reads  # noqa: PLC0415
+    from mailflow.worker.loop import Worker  # noqa: PLC0415
 
     # The processors we spawn run as our uid: keep them out of /proc/<us>/environ.
     forbid_environ_reads()
@@ -58,8 +59,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_provision(args: argparse.Namespace, settings: Settings) -> int:
     from mailflow.aws import open_clients  # noqa: PLC0415
-    from mailflow.provision import provision  # noqa: PLC0415
-    from mailflow.views import print_json  # noqa: PLC0415
+    from mailflow.cli.render import print_json  # noqa: PLC0415
+    from mailflow.dev.provision import provision  # noqa: PLC0415
 
     async def main() -> int:
         async with open_clients() as clients:
@@ -71,7 +72,7 @@ def cmd_provision(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
     from mailflow.aws import open_clients  # noqa: PLC0415
-    from mailflow.ses import receive_mail, topic_arn  # noqa: PLC0415
+    from mailflow.dev.ses import receive_mail, topic_arn  # noqa: PLC0415
 
     files: list[Path] = args.files
     missing = [str(f) for f in files if not f.is_file()]
@@ -100,19 +101,19 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
-    from mailflow.browse import list_deliveries  # noqa: PLC0415
+    from mailflow.cli.browse import list_deliveries  # noqa: PLC0415
 
     return run_async(lambda: list_deliveries(args, settings))
 
 
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
-    from mailflow.browse import show_mail  # noqa: PLC0415
+    from mailflow.cli.browse import show_mail  # noqa: PLC0415
 
     return run_async(lambda: show_mail(args, settings))
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
-    from mailflow.health import health_age_s  # noqa: PLC0415
+    from mailflow.worker.health import health_age_s  # noqa: PLC0415
 
     age = health_age_s(settings.heartbeat_file)
     if age is None:
@@ -128,14 +129,14 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
-    from mailflow.devmode import run_dev  # noqa: PLC0415
+    from mailflow.dev.run import run_dev  # noqa: PLC0415
 
     return run_dev(args)
 
 
 def cmd_smtp(args: argparse.Namespace, settings: Settings) -> int:
     from mailflow.aws import open_clients  # noqa: PLC0415
-    from mailflow.smtp_emulator import serve  # noqa: PLC0415
+    from mailflow.dev.smtp import serve  # noqa: PLC0415
 
     async def main() -> int:
         stop = asyncio.Event()
@@ -256,7 +257,3 @@ def main(argv: list[str] | None = None) -> int:
         log.error("command_failed", command=args.command, error=str(exc))  # noqa: TRY400
         sys.stderr.write(f"mailflow {args.command}: {exc}\n")
         return EXIT_FAILURE
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

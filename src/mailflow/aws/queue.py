@@ -20,7 +20,7 @@ import structlog
 from mailflow import aws
 from mailflow.aws import AwsPermanentError
 
-log = structlog.get_logger("mailflow.queue")
+log = structlog.get_logger("mailflow.aws.queue")
 
 #: SQS's own ceiling for a message's visibility timeout.
 MAX_VISIBILITY_S = 43200

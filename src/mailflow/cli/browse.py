@@ -8,12 +8,18 @@ import time
 from datetime import datetime
 from typing import Any
 
-from mailflow.archive import describe_location, locate
 from mailflow.aws import open_clients
+from mailflow.aws.ledger import Ledger, Status
+from mailflow.cli.render import (
+    deliveries_table,
+    delivery_json,
+    print_json,
+    print_record,
+    print_table,
+)
 from mailflow.config import Settings
 from mailflow.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
-from mailflow.ledger import Ledger, Status
-from mailflow.views import deliveries_table, delivery_json, print_json, print_record, print_table
+from mailflow.ops.archive import describe_location, locate
 
 _AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}

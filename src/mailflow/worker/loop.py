@@ -26,20 +26,20 @@ from typing import Any
 import structlog
 
 from mailflow.aws import AwsClients
+from mailflow.aws.ledger import DeliveryKey, Ledger
+from mailflow.aws.queue import BATCH, Message, Queue
+from mailflow.aws.store import make_spool_dir
 from mailflow.config import Settings
-from mailflow.delivery import DONE, STAMPS, Deliverer, Fate
 from mailflow.errors import BadNotificationError, MailflowError, TransientError
 from mailflow.exitcodes import EXIT_DRAIN_TIMEOUT, EXIT_OK
-from mailflow.fairness import KeyGate
-from mailflow.health import LoopLagProbe, write_health
-from mailflow.ledger import DeliveryKey, Ledger
-from mailflow.notification import MailRef, check_trusted, parse_body
-from mailflow.processor import ExecProcessor, Processor
-from mailflow.queue import BATCH, Message, Queue
+from mailflow.mail.notification import MailRef, check_trusted, parse_body
+from mailflow.processors.exec import ExecProcessor, Processor
 from mailflow.routing import DeliveryPlan, Unroutable
-from mailflow.store import make_spool_dir
+from mailflow.worker.delivery import DONE, STAMPS, Deliverer, Fate
+from mailflow.worker.gate import KeyGate
+from mailflow.worker.health import LoopLagProbe, write_health
 
-log = structlog.get_logger("mailflow.worker")
+log = structlog.get_logger("mailflow.worker.loop")
 
 #: After a backend failure, how soon the message may be tried again (SQS redelivers it).
 TRANSIENT_PAUSE_S = 15.0
@@ -57,7 +57,7 @@ DLQ_MARGIN = 2
 
 def make_processor(settings: Settings) -> Processor:
     if settings.processor_transport == "fastcgi":
-        from mailflow.fastcgi_transport import FastCGIProcessor  # noqa: PLC0415 - optional path
+        from mailflow.processors.fastcgi import FastCGIProcessor  # noqa: PLC0415 - optional path
 
         return FastCGIProcessor(
             settings.fastcgi_address,

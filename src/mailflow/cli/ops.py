@@ -24,7 +24,7 @@ from mailflow.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT
 
 if TYPE_CHECKING:
     from mailflow.config import Settings
-    from mailflow.reconcile import PassReport, Tracker
+    from mailflow.ops.reconcile import PassReport, Tracker
 
 STATES_JA = {"received": "未処理", "processing": "未処理", "retrying": "リトライ",
              "succeeded": "成功", "failed": "失敗", "archived": "保管"}  # fmt: skip
@@ -60,7 +60,7 @@ def _say(text: str) -> None:
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from mailflow.aws import open_clients  # noqa: PLC0415 - keep `--help` fast
-    from mailflow.ops import status_report  # noqa: PLC0415
+    from mailflow.ops.tools import status_report  # noqa: PLC0415
 
     async def main() -> int:
         async with open_clients() as clients:
@@ -100,10 +100,10 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
     from mailflow.aws import open_clients  # noqa: PLC0415
-    from mailflow.browse import parse_since  # noqa: PLC0415
-    from mailflow.ledger import Ledger  # noqa: PLC0415
-    from mailflow.ops import Retrier, failed_mail_ids  # noqa: PLC0415
-    from mailflow.queue import Queue  # noqa: PLC0415
+    from mailflow.aws.ledger import Ledger  # noqa: PLC0415
+    from mailflow.aws.queue import Queue  # noqa: PLC0415
+    from mailflow.cli.browse import parse_since  # noqa: PLC0415
+    from mailflow.ops.tools import Retrier, failed_mail_ids  # noqa: PLC0415
 
     if bool(args.mail_ids) == bool(args.status):
         sys.stderr.write("mailflow retry: name MAIL_IDs, or use --status failed (not both)\n")
@@ -151,7 +151,7 @@ def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_redrive(args: argparse.Namespace, settings: Settings) -> int:
     from mailflow.aws import open_clients  # noqa: PLC0415
-    from mailflow.ops import redrive  # noqa: PLC0415
+    from mailflow.ops.tools import redrive  # noqa: PLC0415
 
     async def main() -> int:
         async with open_clients() as clients:
@@ -176,7 +176,7 @@ def cmd_redrive(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_parse(args: argparse.Namespace, settings: Settings) -> int:
-    from mailflow.ops import parse_file  # noqa: PLC0415
+    from mailflow.ops.tools import parse_file  # noqa: PLC0415
 
     path: Path = args.file
     if not path.is_file():
@@ -259,9 +259,9 @@ def _show_report(report: PassReport, args: argparse.Namespace) -> None:
 
 def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     from mailflow.aws import open_clients  # noqa: PLC0415
+    from mailflow.aws.queue import Queue  # noqa: PLC0415
     from mailflow.errors import MailflowError  # noqa: PLC0415
-    from mailflow.queue import Queue  # noqa: PLC0415
-    from mailflow.reconcile import PHASES, NullTracker, Options, Reconciler  # noqa: PLC0415
+    from mailflow.ops.reconcile import PHASES, NullTracker, Options, Reconciler  # noqa: PLC0415
 
     options = Options(
         limit=args.limit, dry_run=args.dry_run, grace_s=args.grace,

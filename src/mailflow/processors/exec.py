@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from mailflow.child import Child
 from mailflow.outcome import ProcessResult
+from mailflow.processors.child import Child
 
 HEAD_BYTES = 64
 STREAM_CHUNK_BYTES = 64 * 1024

@@ -32,19 +32,19 @@ from typing import Any, Protocol
 import structlog
 
 from mailflow import aws
-from mailflow.archive import Archiver
 from mailflow.aws import AwsClients
+from mailflow.aws.ledger import DeliveryKey, Ledger, Status, history_entry
+from mailflow.aws.queue import Queue
+from mailflow.aws.store import Location, head
+from mailflow.cli.render import iso
 from mailflow.config import Settings
 from mailflow.errors import MailflowError
-from mailflow.ledger import DeliveryKey, Ledger, Status, history_entry
-from mailflow.mail import HEAD_BUDGET_BYTES, header_addresses, received_for, split_head
-from mailflow.notification import synthetic_notification
-from mailflow.queue import Queue
+from mailflow.mail.notification import synthetic_notification
+from mailflow.mail.summary import HEAD_BUDGET_BYTES, header_addresses, received_for, split_head
+from mailflow.ops.archive import Archiver
 from mailflow.routing import DeliveryPlan, normalize_recipient, plan_delivery
-from mailflow.store import Location, head
-from mailflow.views import iso
 
-log = structlog.get_logger("mailflow.reconcile")
+log = structlog.get_logger("mailflow.ops.reconcile")
 
 PHASES = ("orphans", "requeue", "archive")
 #: Recipients recovered from To/Cc per orphan, at most (a mail may carry a long Cc list).

@@ -2,7 +2,7 @@
 
 LocalStack and moto do not implement SES *receiving*. This server lets anything that speaks
 SMTP (a shop system, swaks, Python's smtplib) put mail into the pipeline the way production
-does: for each message it calls `mailflow.ses.receive_mail`, which stores the object (SES's
+does: for each message it calls `mailflow.dev.ses.receive_mail`, which stores the object (SES's
 headers + the message) under the incoming prefix and publishes the `Received` notification.
 
 What it promises a client, as an MTA must:
@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any, Self
 import structlog
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from mailflow import aws, ses
+from mailflow import aws
+from mailflow.dev import ses
 from mailflow.errors import ConfigError
 
 if TYPE_CHECKING:

@@ -15,10 +15,10 @@ import structlog
 
 from mailflow import aws
 from mailflow.aws import AwsClients, AwsPermanentError
+from mailflow.aws.ledger import ATTENTION_INDEX
 from mailflow.config import Settings
-from mailflow.ledger import ATTENTION_INDEX
 
-log = structlog.get_logger("mailflow.provision")
+log = structlog.get_logger("mailflow.dev.provision")
 
 DLQ_RETENTION_S = 14 * 24 * 3600
 

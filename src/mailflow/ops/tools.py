@@ -20,17 +20,17 @@ from typing import Any
 import structlog
 
 from mailflow import aws
-from mailflow.archive import Archiver, mail_lock, source
 from mailflow.aws import AwsClients
+from mailflow.aws.ledger import DeliveryKey, Ledger, Status
+from mailflow.aws.queue import Queue
 from mailflow.config import Settings
 from mailflow.errors import PermanentError
-from mailflow.ledger import DeliveryKey, Ledger, Status
-from mailflow.mail import header_addresses, received_for, split_head, summarize
-from mailflow.queue import Queue
-from mailflow.reconcile import UNKNOWN_RECIPIENT, orphan_envelope, requeue_body
+from mailflow.mail.summary import header_addresses, received_for, split_head, summarize
+from mailflow.ops.archive import Archiver, mail_lock, source
+from mailflow.ops.reconcile import UNKNOWN_RECIPIENT, orphan_envelope, requeue_body
 from mailflow.routing import DeliveryPlan, normalize_recipient, plan_delivery
 
-log = structlog.get_logger("mailflow.ops")
+log = structlog.get_logger("mailflow.ops.tools")
 
 UNFINISHED = (Status.RECEIVED, Status.PROCESSING, Status.RETRYING)
 #: Upper bound on the deliveries a `retry --status failed` looks through (a table scan).

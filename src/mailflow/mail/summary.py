@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field
 from email.utils import getaddresses
 
-from mailflow.charsets import charset_key, decode_declared, decode_raw
+from mailflow.mail.charsets import charset_key, decode_declared, decode_raw
 
 HEAD_BUDGET_BYTES = 256 * 1024
 

@@ -21,7 +21,7 @@ from mailflow import aws
 from mailflow.aws import AwsClients
 from mailflow.config import Settings
 from mailflow.errors import MailflowError
-from mailflow.mail import split_head, summarize
+from mailflow.mail.summary import split_head, summarize
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 SES_HOST = "inbound-smtp.mailflow.invalid"
