@@ -26,7 +26,7 @@ from mailflow.mail.summary import header_addresses, split_head
 
 log = structlog.get_logger("mailflow.dev")
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 EXAMPLES = REPO / "examples"
 
 
