@@ -1,61 +1,68 @@
-"""The bench's backend: mailflow's embedded moto server plus a per-operation request counter.
-
-    python bench/backend.py      # prints MOTO_URL=http://127.0.0.1:PORT when ready
-
-`GET /_bench/calls` answers the counts since the last call as JSON ({"sqs.ReceiveMessage": 12,
-...}) and resets them, so the bench can say how many AWS calls each consumer made per delivery.
-"""
+"""The bench's backend: the AWS endpoints the consumers talk to, in their own processes."""
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
 import sys
-import threading
-from collections import Counter
-from collections.abc import Callable, Iterable
+import urllib.request
 from pathlib import Path
-from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from mailflow.dev import motoserver
-
-WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
-_inner = motoserver._serialize_dynamodb  # noqa: SLF001 - the one wrapping point it offers
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
 
 
-def _operation(environ: dict[str, Any]) -> str:
-    target = environ.get("HTTP_X_AMZ_TARGET", "")
-    if target:  # JSON protocols: DynamoDB_20120810.UpdateItem, AmazonSQS.ReceiveMessage
-        service, _, op = target.partition(".")
-        return f"{'ddb' if service.startswith('DynamoDB') else 'sqs'}.{op}"
-    query = environ.get("QUERY_STRING", "")
-    if "Action=" in query:
-        return "query." + query.split("Action=", 1)[1].split("&", 1)[0]
-    return f"s3.{environ.get('REQUEST_METHOD', '?')}"
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
-def counting(app: WsgiApp) -> WsgiApp:
-    counts: Counter[str] = Counter()
-    lock = threading.Lock()
-    inner = _inner(app)
-
-    def wrapped(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") == "/_bench/calls":
-            with lock:
-                body = json.dumps(dict(counts)).encode()
-                counts.clear()
-            start_response(
-                "200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
-            )
-            return [body]
-        with lock:
-            counts[_operation(environ)] += 1
-        return inner(environ, start_response)
-
-    return wrapped
+# --- the backend -----------------------------------------------------------------------------
 
 
-if __name__ == "__main__":
-    motoserver._serialize_dynamodb = counting  # noqa: SLF001
-    sys.exit(motoserver.main())
+class Moto:
+    """moto server in its own process, so its CPU is not the bench's or the worker's."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(BENCH / "moto_counting.py"), "--port", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=REPO,
+            env=os.environ | {"PYTHONPATH": str(REPO / "src")},
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if not line.startswith("MOTO_URL="):
+            self.stop()
+            raise RuntimeError(f"moto server did not start: {line!r}")
+        self.url = line.removeprefix("MOTO_URL=")
+        from importlib.metadata import version  # noqa: PLC0415
+
+        self.name = f"moto {version('moto')} server (own process, loopback HTTP)"
+
+    def calls(self) -> dict[str, int]:
+        """Requests per operation since the last call (the counter resets)."""
+        with urllib.request.urlopen(self.url + "/_bench/calls", timeout=10) as resp:  # noqa: S310
+            return dict(json.loads(resp.read()))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def aws_env(url: str) -> dict[str, str]:
+    return {
+        "AWS_ENDPOINT_URL": url,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }

@@ -1,0 +1,188 @@
+"""The report: targets, verdicts and the markdown table of one run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+
+
+def shown(path: Path) -> str:
+    """A path for the results file: relative to the repository, so no machine path lands."""
+    try:
+        return str(path.resolve().relative_to(REPO.resolve()))
+    except ValueError:
+        return path.name
+
+
+TARGETS = {
+    "cpu_ms_per_delivery": 2.0,
+    "throughput_ratio": 8.0,
+    "loop_lag_p99_ms": 5.0,
+    "peak_rss_mb": 150.0,
+    "fastcgi_overhead_ms": 1.0,
+}
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def verdicts(res: dict[str, Any]) -> list[dict[str, Any]]:
+    naive, worker = res.get("naive"), res.get("worker")
+    rows: list[dict[str, Any]] = []
+
+    def row(
+        name: str,
+        value: float | None,
+        target: float,
+        unit: str,
+        *,
+        higher_better: bool = False,
+    ) -> None:
+        ok = None if value is None else (value >= target if higher_better else value <= target)
+        rows.append(
+            {
+                "target": name,
+                "value": value,
+                "limit": target,
+                "unit": unit,
+                "op": "≥" if higher_better else "≤",
+                "met": ok,
+            }
+        )
+
+    if naive and worker:
+        ratio = round(worker["throughput_per_s"] / naive["throughput_per_s"], 2)
+        res["throughput_ratio"] = ratio
+        row(
+            "throughput vs naive consumer",
+            ratio,
+            TARGETS["throughput_ratio"],
+            "×",
+            higher_better=True,
+        )
+    if worker:
+        row(
+            "worker CPU per delivery",
+            worker["cpu_ms_per_delivery"],
+            TARGETS["cpu_ms_per_delivery"],
+            "ms",
+        )
+        row(
+            "event-loop lag p99 while spawning",
+            worker.get("loop_lag_p99_ms"),
+            TARGETS["loop_lag_p99_ms"],
+            "ms",
+        )
+    if res.get("rss"):
+        row(
+            f"peak RSS, {res['rss']['mails']} × {res['rss']['mail_mib']:.0f} MiB mails",
+            res["rss"]["vm_hwm_peak_mb"],
+            TARGETS["peak_rss_mb"],
+            "MB",
+        )
+    fc = res.get("fastcgi")
+    if fc and worker:
+        over = round(fc["run_minus_own_ms_p50"] - worker["run_minus_own_ms_p50"], 2)
+        res["fastcgi_overhead_ms"] = over
+        row(
+            "fastcgi overhead per delivery (vs exec, p50)",
+            over,
+            TARGETS["fastcgi_overhead_ms"],
+            "ms",
+        )
+    fair = res.get("fairness")
+    if fair:
+        row(
+            "lone store's latency under a flood, in flood deliveries (test bound)",
+            fair.get("lone_latency_in_deliveries"),
+            10.0,
+            "deliveries",
+        )
+    return rows
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)
+
+
+def markdown(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    lines = [
+        (
+            f"mailflow bench, {m['at']}: {m['cpu'] or 'unknown CPU'}, {m['cores']} cores,"
+            f" load average at start {', '.join(f'{x:.2f}' for x in m['load_avg_at_start'])};"
+            f" Python {m['python']}, PHP {m['php'] or '(none: Python processor)'}."
+        ),
+        (
+            f"Backend: {res['backend']}. N={res['params']['n']}, concurrency"
+            f" {res['params']['concurrency']}, processor sleeps {res['params']['processor_ms']}"
+            f" ms, ≤ {res['params']['depth']} messages in the system."
+        ),
+        "",
+        "| target | measured | limit | met |",
+        "|---|---:|---:|:-:|",
+    ]
+    for v in res["targets"]:
+        met = {True: "yes", False: "**no**", None: "–"}[v["met"]]
+        lines.append(
+            f"| {v['target']} | {fmt(v['value'])} {v['unit']} |"
+            f" {v['op']} {fmt(v['limit'])} {v['unit']} | {met} |"
+        )
+    cols = [c for c in ("naive", "worker", "fastcgi") if res.get(c)]
+    fields = [
+        ("throughput_per_s", "steady-state throughput (/s)"),
+        ("cpu_ms_per_delivery", "consumer CPU per delivery (ms, own process)"),
+        ("pre_ms_p50", "received → processor start, p50 (ms)"),
+        ("pre_ms_p99", "received → processor start, p99 (ms)"),
+        ("post_ms_p50", "processor exit → outcome recorded, p50 (ms)"),
+        ("post_ms_p99", "processor exit → outcome recorded, p99 (ms)"),
+        ("claim_fetch_ms_p50", "  of which claim + S3 fetch, p50 (ms)"),
+        ("spawn_to_script_ms_p50", "  of which spawn → script's first line, p50 (ms)"),
+        ("run_minus_own_ms_p50", "transport time beyond the script's own, p50 (ms)"),
+        ("queued_ms_p50", "waiting for a run slot (prefetched), p50 (ms)"),
+        ("processor_occupancy", "processors running, mean (of the concurrency)"),
+        ("loop_lag_p99_ms", "event-loop lag p99 (ms)"),
+        ("loop_lag_max_ms", "event-loop lag max (ms)"),
+        ("canary_lag_p99_ms", "control canary's lag p99 (ms, machine noise)"),
+        ("vm_hwm_mb", "peak RSS (MB)"),
+        ("backend_cpu_ms_per_delivery", "moto CPU per delivery (ms)"),
+        ("backend_ceiling_per_s", "moto's ceiling at that cost, one core (/s)"),
+        ("aws_calls_per_delivery_total", "AWS calls per delivery"),
+    ]
+    lines += ["", "| | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for key, label in fields:
+        lines.append(f"| {label} | " + " | ".join(fmt(res[c].get(key)) for c in cols) + " |")
+    if res.get("rss"):
+        r = res["rss"]
+        lines += [
+            "",
+            (
+                f"RSS: {r['mails']} mails of {r['mail_mib']} MiB ({', '.join(r['statuses'])}),"
+                f" {r['max_concurrent_processors']} processors alive at once: VmHWM"
+                f" {r['vm_hwm_peak_mb']} MB (idle worker: {r['vm_hwm_idle_mb']} MB)."
+            ),
+        ]
+    if res.get("fairness"):
+        f = res["fairness"]
+        lines += [
+            "",
+            (
+                f"Fairness: {f['flood']} mails of one store (max_in_flight_per_key=1),"
+                f" then one mail of another store: its latency"
+                f" {fmt(f['lone_latency_ms'])} ms = {fmt(f['lone_latency_in_deliveries'])}"
+                f" flood deliveries ({fmt(f['flood_per_delivery_ms_p50'])} ms each);"
+                f" {f['flood_done_before_lone']} flood mails finished before it."
+                f" Worker: {json.dumps(f['worker_stats'])}."
+            ),
+        ]
+    if res.get("skipped"):
+        lines += ["", "Skipped: " + "; ".join(res["skipped"])]
+    return "\n".join(lines) + "\n"
