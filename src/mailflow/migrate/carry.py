@@ -1,0 +1,67 @@
+"""Can mailflow run what an alias ran? Its argv, or the reason it cannot be carried over.
+
+A route runs one command per recipient, without a shell. So an alias carries over when it has
+exactly one target, that target is a `|command`, and the command needs no `/bin/sh`. Mail
+forwarded to an address, appended to a file, or read from an `:include:` list is not
+mailflow's job; an alias that fans out to several targets would need several deliveries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mailflow.migrate.aliases import Alias, Target
+from mailflow.migrate.shell import sh_words, shell_needs
+
+
+@dataclass(frozen=True, slots=True)
+class Carried:
+    """An alias mailflow can run: the argv `/bin/sh` would have run for it."""
+
+    alias: Alias
+    argv: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An alias, or an unreadable line, that is not carried over, and why."""
+
+    line: int
+    #: Lower-cased alias name; None for a line too broken to name one.
+    name: str | None
+    reason: str
+
+
+def carry_over(alias: Alias) -> Carried | Refusal:
+    """The alias's argv, or the reason mailflow cannot run the same thing for it."""
+    if len(alias.targets) != 1:
+        kinds = ", ".join(_describe(t) for t in alias.targets)
+        return Refusal(
+            alias.line,
+            alias.name,
+            f"{len(alias.targets)} targets ({kinds}): a route runs one command per recipient",
+        )
+    (target,) = alias.targets
+    if target.kind != "command":
+        return Refusal(alias.line, alias.name, f"{_describe(target)}: {_WHY[target.kind]}")
+    need = shell_needs(target.value)
+    if need is not None:
+        return Refusal(alias.line, alias.name, f"command needs /bin/sh: {need}")
+    return Carried(alias, sh_words(target.value))
+
+
+_WHY = {
+    "address": "forwarding to an address is the MTA's job, not a route's",
+    "file": "appending to a file is the MTA's job, not a route's",
+    "include": "the list's entries are not in this file; import that file's aliases instead",
+}
+
+
+def _describe(target: Target) -> str:
+    what = {
+        "command": "a command",
+        "address": "an address",
+        "file": "a file",
+        "include": "an :include: list",
+    }[target.kind]
+    return f"{what} {target.written!r}"
