@@ -14,6 +14,7 @@ import structlog
 from pydantic import ValidationError
 
 from mailflow import logs
+from mailflow.cli import aliases as cli_aliases
 from mailflow.cli import ops as cli_ops
 from mailflow.config import Settings, describe_validation_error
 from mailflow.errors import MailflowError
@@ -236,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_smtp)
 
     cli_ops.register(sub)
+    cli_aliases.register(sub)
     return parser
 
 

@@ -134,10 +134,26 @@ def _logical_lines(text: str, problems: list[Problem]) -> list[tuple[int, str]]:
 def _name_of(line: str) -> str | None:
     name, colon, _ = line.partition(":")
     name = name.strip()
-    return name.lower() if colon and name and not name.startswith('"') else None
+    usable = colon and name and not name.startswith('"') and not _undecodable(name)
+    return name.lower() if usable else None
+
+
+def read_aliases(raw: bytes) -> AliasesFile:
+    """Read file content: UTF-8, where a line with other bytes is reported, not fatal.
+
+    Legacy files often carry comments in another charset (EUC-JP, Shift_JIS); comments are
+    ignored, and an alias line that is not UTF-8 is reported with its number.
+    """
+    return parse_aliases(raw.decode("utf-8", errors="surrogateescape"))
+
+
+def _undecodable(text: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
 
 
 def _parse_line(line_no: int, line: str) -> Alias:
+    if _undecodable(line):
+        raise _LineError("bytes that are not UTF-8 (convert the file to UTF-8)")
     if line.startswith('"'):
         raise _LineError("quoted alias names are not supported (no address has that form)")
     written_name, colon, rhs = line.partition(":")

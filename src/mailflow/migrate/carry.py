@@ -43,7 +43,7 @@ def carry_over(alias: Alias) -> Carried | Refusal:
         )
     (target,) = alias.targets
     if target.kind != "command":
-        return Refusal(alias.line, alias.name, f"{_describe(target)}: {_WHY[target.kind]}")
+        return Refusal(alias.line, alias.name, _WHY[target.kind])
     need = shell_needs(target.value)
     if need is not None:
         return Refusal(alias.line, alias.name, f"command needs /bin/sh: {need}")
@@ -51,9 +51,9 @@ def carry_over(alias: Alias) -> Carried | Refusal:
 
 
 _WHY = {
-    "address": "forwarding to an address is the MTA's job, not a route's",
-    "file": "appending to a file is the MTA's job, not a route's",
-    "include": "the list's entries are not in this file; import that file's aliases instead",
+    "address": "forwards to an address: a route runs a command, it does not forward mail",
+    "file": "appends to a file: a route runs a command, it does not write mailboxes",
+    "include": "reads its targets from another file (:include:): import that file on its own",
 }
 
 

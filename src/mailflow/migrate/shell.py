@@ -56,10 +56,14 @@ def _is_control(ch: str) -> bool:
 
 
 def shell_needs(command: str) -> str | None:
-    """Why exec'ing the words of `command` would differ from `/bin/sh -c command`; None if not."""
-    reason = _scan(command)
-    if reason is not None:
-        return reason
+    """Why exec'ing the words of `command` would differ from `/bin/sh -c command`; None if not.
+
+    Every distinct reason is named (`a redirection (>); & or && …`), so one reading of the
+    refusal says everything that has to change.
+    """
+    reasons = _scan(command)
+    if reasons:
+        return "; ".join(reasons)
     words = shlex.split(command)
     if not words or not words[0]:
         return "no program name"
@@ -78,10 +82,11 @@ def sh_words(command: str) -> tuple[str, ...]:
 _CONTROL = "a newline or control character (a second command, or worse)"
 
 
-def _scan(command: str) -> str | None:
-    """First shell-only construct in `command`, following sh's quoting rules."""
+def _scan(command: str) -> list[str]:
+    """Every distinct shell-only construct in `command`, following sh's quoting rules."""
     if any(_is_control(ch) for ch in command):
-        return _CONTROL
+        return [_CONTROL]
+    reasons: list[str] = []
     i, word_start = 0, True
     while i < len(command):
         ch = command[i]
@@ -90,42 +95,51 @@ def _scan(command: str) -> str | None:
             i += 1
             continue
         if word_start and ch in _AT_WORD_START:
-            return _AT_WORD_START[ch]
+            _note(reasons, _AT_WORD_START[ch])
         word_start = False
-        i, reason = _step(command, i)
-        if reason is not None:
-            return reason
-    return None
+        i, found = _step(command, i)
+        for reason in found:
+            _note(reasons, reason)
+    return reasons
 
 
-def _step(command: str, i: int) -> tuple[int, str | None]:
-    """Past the character (or quoted string) at `i`: (next index, reason if shell-only)."""
+def _note(reasons: list[str], reason: str) -> None:
+    if reason not in reasons:
+        reasons.append(reason)
+
+
+def _step(command: str, i: int) -> tuple[int, list[str]]:
+    """Past the character (or quoted string) at `i`: (next index, shell-only constructs)."""
     ch = command[i]
     if ch == "'":
         close = command.find("'", i + 1)
-        return (close + 1, None) if close >= 0 else (i, "unterminated single quote (')")
+        if close < 0:
+            return len(command), ["unterminated single quote (')"]
+        return close + 1, []
     if ch == '"':
-        close, reason = _double_quoted(command, i + 1)
-        return close + 1, reason
+        return _double_quoted(command, i + 1)
     if ch == "\\":
-        return (i + 2, None) if i + 1 < len(command) else (i, "a backslash at the end")
-    return i + 1, _OPERATORS.get(ch)
+        if i + 1 < len(command):
+            return i + 2, []
+        return i + 1, ["a backslash at the end"]
+    reason = _OPERATORS.get(ch)
+    return i + 1, [] if reason is None else [reason]
 
 
-def _double_quoted(command: str, start: int) -> tuple[int, str | None]:
-    """(index of the closing quote, reason) for the double-quoted string starting at `start`."""
+def _double_quoted(command: str, start: int) -> tuple[int, list[str]]:
+    """(index past the closing quote, shell-only constructs) of a double-quoted string."""
+    reasons: list[str] = []
     i, n = start, len(command)
     while i < n:
         ch = command[i]
         if ch == '"':
-            return i, None
+            return i + 1, reasons
         if ch in "$`":
-            return i, _OPERATORS[ch]
-        if ch == "\\":
+            _note(reasons, _OPERATORS[ch])
+        elif ch == "\\":
             # sh removes this backslash, POSIX shlex keeps it: the word would differ.
             if command[i + 1 : i + 2] in ("$", "`"):
-                return i, "a backslash before $ or ` inside double quotes"
-            i += 2
-            continue
+                _note(reasons, "a backslash before $ or ` inside double quotes")
+            i += 1
         i += 1
-    return i, 'unterminated double quote (")'
+    return n, [*reasons, 'unterminated double quote (")']
