@@ -168,24 +168,32 @@ def _check_table(
 ) -> None:
     console = _console(sys.stdout)
     counts = report.counts()
-    shown = [r for r in report.rows if r.status != "same"]
-    if shown:
-        table = Table(
-            title=f"aliases that do not run the same argv under mailflow ({report.domain})"
-        )
+    mismatched = [r for r in report.rows if r.status in ("different", "unroutable")]
+    if mismatched:
+        table = Table(title=f"aliases mailflow would run differently ({report.domain})")
         for column in ("line", "alias", "status", "alias runs", "mailflow runs", "route", "why"):
             table.add_column(column, overflow="fold")
-        for row in shown:
+        for row in mismatched:
             table.add_row(
                 str(row.line),
                 row.name or "",
                 row.status,
-                _argv_text(row.alias_argv) or row.alias_targets,
+                _argv_text(row.alias_argv),
                 _argv_text(row.mailflow_argv),
                 row.route or "",
                 row.detail,
             )
         console.print(table)
+    refused = [r for r in report.rows if r.status == "not_carried_over"]
+    if refused:
+        console.print(f"not carried over ({len(refused)}):", markup=False)
+    for row in refused:
+        name = f" {row.name}:" if row.name else ""
+        routed = f" [mailflow: route {row.route} runs {_argv_text(row.mailflow_argv)}]"
+        console.print(
+            f"  line {row.line}:{name} {row.detail}{routed if row.route else ''}",
+            markup=False,
+        )
     _problem_lines(console, "warnings", [p for p in parsed.problems if not p.dropped])
     summary = ", ".join(f"{count} {status}" for status, count in counts.items() if count)
     verdict = "ok" if passed else "FAILED"
