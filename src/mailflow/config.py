@@ -120,6 +120,14 @@ class Settings(BaseSettings):
     failed_prefix: str = "failed/"
     quarantine_prefix: str = "quarantine/"
     archive_bucket: str | None = None
+    #: Where SES receives: the bucket, its topic and the KMS key live there; S3, SNS and KMS
+    #: clients are made for it. None: the process's own region (AWS_DEFAULT_REGION).
+    mail_region: Annotated[str, Field(pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]+$")] | None = None
+    #: The KMS key of the SES receipt rule's S3 action (key ARN, alias ARN or alias/NAME).
+    #: Encrypted mail is decrypted only under this key. In development, `provision` creates it
+    #: (an alias) and `send`/`smtp` encrypt with it, as SES does. None: any key the envelope
+    #: names (IAM then decides), and the emulator stores mail unencrypted.
+    kms_key: str | None = None
 
     # --- routing ----------------------------------------------------------------------------
     routes: Annotated[tuple[Route, ...], NoDecode] = DEFAULT_ROUTES

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aioboto3
@@ -156,10 +156,30 @@ async def call(
 
 @dataclass(slots=True)
 class AwsClients:
+    """One client per service. S3, SNS and KMS talk to the mail's region (where SES receives:
+    bucket, topic, key), SQS and DynamoDB to the process's own region."""
+
     s3: Any
     sqs: Any
     sns: Any
     dynamodb: Any
+    kms: Any = None
+    _stack: contextlib.AsyncExitStack | None = None
+    _session: Any = None
+    _config: AioConfig | None = None
+    _kms_by_region: dict[str, Any] = field(default_factory=dict)
+
+    async def kms_in(self, region: str | None) -> Any:
+        """The KMS client for a key's region (the mail region's client when None or equal)."""
+        if region is None or self.kms is None or region == self.kms.meta.region_name:
+            return self.kms
+        if region not in self._kms_by_region:
+            if self._stack is None or self._session is None:
+                raise RuntimeError("kms_in: clients were not opened by open_clients")
+            self._kms_by_region[region] = await self._stack.enter_async_context(
+                self._session.client("kms", region_name=region, config=self._config),
+            )
+        return self._kms_by_region[region]
 
 
 def client_config(max_pool_connections: int = 32) -> AioConfig:
@@ -178,13 +198,31 @@ def client_config(max_pool_connections: int = 32) -> AioConfig:
 
 
 @contextlib.asynccontextmanager
-async def open_clients(max_pool_connections: int = 32) -> AsyncIterator[AwsClients]:
-    """One client per service for the life of the process; endpoints come from AWS_* vars."""
+async def open_clients(
+    max_pool_connections: int = 32,
+    *,
+    mail_region: str | None = None,
+) -> AsyncIterator[AwsClients]:
+    """One client per service for the life of the process; endpoints come from AWS_* vars.
+
+    `mail_region` (MAILFLOW_MAIL_REGION) is where the mail is received: S3, SNS and KMS
+    clients are made for it, so reads go there directly instead of through a redirect. None:
+    the process's own region (AWS_DEFAULT_REGION), for everything.
+    """
     session = aioboto3.Session()
     config = client_config(max_pool_connections)
     async with contextlib.AsyncExitStack() as stack:
-        s3 = await stack.enter_async_context(session.client("s3", config=config))
-        sqs = await stack.enter_async_context(session.client("sqs", config=config))
-        sns = await stack.enter_async_context(session.client("sns", config=config))
-        ddb = await stack.enter_async_context(session.client("dynamodb", config=config))
-        yield AwsClients(s3=s3, sqs=sqs, sns=sns, dynamodb=ddb)
+
+        async def enter(client: Any) -> Any:
+            return await stack.enter_async_context(client)
+
+        yield AwsClients(
+            s3=await enter(session.client("s3", region_name=mail_region, config=config)),
+            sqs=await enter(session.client("sqs", config=config)),
+            sns=await enter(session.client("sns", region_name=mail_region, config=config)),
+            dynamodb=await enter(session.client("dynamodb", config=config)),
+            kms=await enter(session.client("kms", region_name=mail_region, config=config)),
+            _stack=stack,
+            _session=session,
+            _config=config,
+        )

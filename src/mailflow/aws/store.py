@@ -3,6 +3,10 @@
 The spool exists so that memory does not grow with mail size × concurrency: the body is
 streamed to disk in chunks, and the processor reads the file itself as its stdin.
 Spool files are 0600 in a 0700 directory and removed after use, on failure too.
+
+A mail SES stored encrypted (KMS, the S3 encryption client's envelope: see envelope.py) is
+decrypted on the way into the spool; the spool file is handed out only after the GCM tag has
+been verified, and is removed with its unauthenticated plaintext when anything fails.
 """
 
 from __future__ import annotations
@@ -13,26 +17,60 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mailflow import aws
 from mailflow.aws import AwsPermanentError
+from mailflow.aws.envelope import (
+    DECRYPT_UNSUPPORTED,
+    TAG_BYTES,
+    DecryptError,
+    Envelope,
+    GcmStream,
+    check_length,
+    envelope_metadata,
+    is_encrypted,
+    key_region,
+    parse_envelope,
+    unwrap_data_key,
+)
 from mailflow.errors import ObjectMissingError, PermanentError, TooLargeError
 from mailflow.mail.summary import HEAD_BUDGET_BYTES
 
 CHUNK_BYTES = 256 * 1024
+#: S3's limit on an object's user metadata, keys and values together.
+USER_METADATA_BYTES = 2048
 MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 
 
 @dataclass(frozen=True, slots=True)
 class SpooledMail:
     path: Path
-    size_bytes: int
+    size_bytes: int  # of the mail as the processor reads it (the plaintext, if encrypted)
     head: bytes  # the first HEAD_BUDGET_BYTES, for the header summary
     sha256: str
+    encrypted: bool = False  # stored with a KMS envelope, decrypted into the spool
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRing:
+    """How to unwrap an envelope's data key: KMS in the key's region, one key accepted.
+
+    `key_id` (MAILFLOW_KMS_KEY) is the SES receipt rule's key; when set, KMS refuses data keys
+    wrapped by any other key, and its ARN's region is where KMS is asked. Unset, the key the
+    envelope names decides the region (the mail region's client when it names none).
+    """
+
+    kms_in: Callable[[str | None], Awaitable[Any]]
+    key_id: str | None = None
+
+    async def data_key(self, envelope: Envelope) -> bytes:
+        """The plaintext data key of one envelope."""
+        kms = await self.kms_in(key_region(self.key_id) or key_region(envelope.key_id))
+        return await unwrap_data_key(kms, envelope, key_id=self.key_id)
 
 
 def make_spool_dir(base: Path | None) -> Path:
@@ -52,13 +90,19 @@ async def spooled(
     *,
     spool_dir: Path,
     max_bytes: int,
+    keys: KeyRing | None = None,
+    mail_id: str | None = None,
 ) -> AsyncIterator[SpooledMail]:
-    """Download `bucket/key` into a private temp file; delete it when the block ends."""
+    """Download `bucket/key` into a private temp file; delete it when the block ends.
+
+    An encrypted object is decrypted with `keys` (its context must be bound to `mail_id`, when
+    given); the block is entered only once the whole body is authenticated.
+    """
     fd, name = tempfile.mkstemp(prefix="mail-", dir=spool_dir)  # mkstemp: 0600, O_EXCL
     path = Path(name)
     try:
         with os.fdopen(fd, "wb") as out:
-            mail = await _download(s3, bucket, key, out, path, max_bytes)
+            mail = await _download(s3, bucket, key, out, path, max_bytes, keys, mail_id)
         yield mail
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -72,6 +116,8 @@ async def _download(
     out: Any,
     path: Path,
     max_bytes: int,
+    keys: KeyRing | None,
+    mail_id: str | None,
 ) -> SpooledMail:
     try:
         resp = await aws.call("s3.GetObject", s3.get_object, Bucket=bucket, Key=key)
@@ -81,28 +127,53 @@ async def _download(
         raise
     size = int(resp.get("ContentLength", 0))
     body = resp["Body"]
-    if size > max_bytes:
+    try:
+        envelope = parse_envelope(resp.get("Metadata") or {}, mail_id=mail_id)
+        # The plaintext is what counts against the limit: the ciphertext carries the tag too.
+        _check_size(size - (TAG_BYTES if envelope else 0), max_bytes)
+        stream = await _decryptor(envelope, keys) if envelope else None
+    except BaseException:
         body.close()
-        raise TooLargeError(f"{size} bytes > MAILFLOW_MAX_MAIL_BYTES={max_bytes}")
+        raise
     digest = hashlib.sha256()
     head = bytearray()
     written = 0
+
+    def emit(plain: bytes) -> None:
+        nonlocal written, head
+        written += len(plain)
+        _check_size(written, max_bytes)  # ContentLength lied, or the object grew
+        if len(head) < HEAD_BUDGET_BYTES:
+            head += plain[: HEAD_BUDGET_BYTES - len(head)]
+        digest.update(plain)
+        out.write(plain)
+
     try:
         while chunk := await body.read(CHUNK_BYTES):
-            written += len(chunk)
-            _check_size(written, max_bytes)  # ContentLength lied, or the object grew
-            if len(head) < HEAD_BUDGET_BYTES:
-                head += chunk[: HEAD_BUDGET_BYTES - len(head)]
-            digest.update(chunk)
-            out.write(chunk)
+            emit(stream.update(chunk) if stream is not None else chunk)
     except (TooLargeError, asyncio.CancelledError):
         raise
     except Exception as exc:  # a broken stream mid-body is a transient fault, like a 5xx
         raise aws.map_error("s3.GetObject.read", exc) from exc
     finally:
         body.close()
+    if stream is not None and envelope is not None:
+        emit(stream.finish())  # raises on a bad tag: the caller removes the spool file
+        check_length(envelope, written)
     out.flush()
-    return SpooledMail(path=path, size_bytes=written, head=bytes(head), sha256=digest.hexdigest())
+    return SpooledMail(
+        path=path,
+        size_bytes=written,
+        head=bytes(head),
+        sha256=digest.hexdigest(),
+        encrypted=stream is not None,
+    )
+
+
+async def _decryptor(envelope: Envelope, keys: KeyRing | None) -> GcmStream:
+    if keys is None:
+        raise DecryptError(DECRYPT_UNSUPPORTED, "encrypted, and no KMS access configured")
+    return GcmStream(await keys.data_key(envelope), envelope.iv)
 
 
 def _check_size(size_bytes: int, max_bytes: int) -> None:
@@ -134,6 +205,12 @@ class ObjectInfo:
     etag: str
     sha256_b64: str | None  # S3's full-object SHA-256, when the object carries one
     content_type: str | None
+    metadata: dict[str, str] = field(default_factory=dict)  # user metadata (x-amz-meta-*)
+
+    @property
+    def encrypted(self) -> bool:
+        """Stored with an S3 encryption client envelope (SES with a KMS key)."""
+        return is_encrypted(self.metadata)
 
 
 async def head(s3: Any, where: Location) -> ObjectInfo | None:
@@ -156,6 +233,7 @@ async def head(s3: Any, where: Location) -> ObjectInfo | None:
         etag=str(resp.get("ETag", "")),
         sha256_b64=resp.get("ChecksumSHA256"),
         content_type=resp.get("ContentType"),
+        metadata=dict(resp.get("Metadata") or {}),
     )
 
 
@@ -198,7 +276,11 @@ async def copy_verified(
     dest: Location,
     metadata: dict[str, str],
 ) -> tuple[ObjectInfo, str]:
-    """Copy `src` to `dest` with new metadata (S3 computes a SHA-256 of the copy); verify it."""
+    """Copy `src` to `dest` with new metadata (S3 computes a SHA-256 of the copy); verify it.
+
+    The source's encryption envelope (x-amz-key-v2, x-amz-iv, ...) is carried over: without it
+    the copy of an encrypted mail could never be decrypted again.
+    """
     await aws.call(
         "s3.CopyObject",
         s3.copy_object,
@@ -207,7 +289,7 @@ async def copy_verified(
         CopySource={"Bucket": src.where.bucket, "Key": src.where.key},
         CopySourceIfMatch=src.etag,  # the version we looked at, or nothing
         MetadataDirective="REPLACE",
-        Metadata=metadata,
+        Metadata=fit_metadata(envelope_metadata(src.metadata), metadata),
         ContentType=src.content_type or "message/rfc822",
         ChecksumAlgorithm="SHA256",
     )
@@ -215,6 +297,22 @@ async def copy_verified(
     if dst is None:
         raise CopyMismatchError(f"{dest.url}: missing right after the copy")
     return dst, await verify_copy(s3, src, dst)
+
+
+def fit_metadata(kept: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
+    """`kept` whole, plus `extra` with its longest values shortened to stay within S3's limit."""
+    room = USER_METADATA_BYTES - sum(len(k) + len(v) for k, v in kept.items())
+    fitted = dict(extra)
+    excess = sum(len(k) + len(v) for k, v in fitted.items()) - room
+    while excess > 0 and fitted:
+        name = max(fitted, key=lambda k: len(fitted[k]))
+        value = fitted[name]
+        if not value:
+            break
+        cut = min(excess, len(value))
+        fitted[name] = value[: len(value) - cut]
+        excess -= cut
+    return {**fitted, **kept}
 
 
 async def delete(s3: Any, where: Location) -> None:

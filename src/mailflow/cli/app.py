@@ -48,7 +48,9 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     forbid_environ_reads()
 
     async def main() -> int:
-        async with open_clients(settings.concurrency * 2 + 8) as clients:
+        async with open_clients(
+            settings.concurrency * 2 + 8, mail_region=settings.mail_region
+        ) as clients:
             worker = Worker(settings, clients)
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -64,7 +66,7 @@ def cmd_provision(args: argparse.Namespace, settings: Settings) -> int:
     from mailflow.dev.provision import provision  # noqa: PLC0415
 
     async def main() -> int:
-        async with open_clients() as clients:
+        async with open_clients(mail_region=settings.mail_region) as clients:
             print_json(await provision(clients, settings))
         return EXIT_OK
 
@@ -82,7 +84,7 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_CONFIG
 
     async def main() -> int:
-        async with open_clients() as clients:
+        async with open_clients(mail_region=settings.mail_region) as clients:
             arn = await topic_arn(clients, settings)
             for path in files:
                 mail_id = await receive_mail(
@@ -144,7 +146,7 @@ def cmd_smtp(args: argparse.Namespace, settings: Settings) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        async with open_clients() as clients:
+        async with open_clients(mail_region=settings.mail_region) as clients:
             await serve(settings, clients, args.host, args.port, args.domain, stop)
         return EXIT_OK
 

@@ -61,7 +61,7 @@ async def list_deliveries(args: argparse.Namespace, settings: Settings) -> int:
     except ValueError as exc:
         print(f"mailflow list: {exc}")  # noqa: T201
         return EXIT_CONFIG
-    async with open_clients() as clients:
+    async with open_clients(mail_region=settings.mail_region) as clients:
         ledger = Ledger(clients.dynamodb, settings.table)
         records = await query(ledger, status=args.status, limit=max(args.limit, 1) * 4)
     if args.route:
@@ -80,7 +80,7 @@ async def list_deliveries(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def show_mail(args: argparse.Namespace, settings: Settings) -> int:
-    async with open_clients() as clients:
+    async with open_clients(mail_region=settings.mail_region) as clients:
         records = await Ledger(clients.dynamodb, settings.table).get_mail(args.mail_id)
         # Where the object is now: HEAD of the original key and of the archived key.
         where = await locate(clients.s3, settings, records) if records else None

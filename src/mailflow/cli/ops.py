@@ -63,7 +63,7 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from mailflow.ops.tools import status_report  # noqa: PLC0415
 
     async def main() -> int:
-        async with open_clients() as clients:
+        async with open_clients(mail_region=settings.mail_region) as clients:
             report = await status_report(clients, settings, exact=args.exact)
         if args.json:
             _emit_json(report)
@@ -115,7 +115,7 @@ def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_CONFIG
 
     async def main() -> int:
-        async with open_clients() as clients:
+        async with open_clients(mail_region=settings.mail_region) as clients:
             mail_ids = list(dict.fromkeys(args.mail_ids)) or await failed_mail_ids(
                 Ledger(clients.dynamodb, settings.table), since, args.limit
             )
@@ -154,7 +154,7 @@ def cmd_redrive(args: argparse.Namespace, settings: Settings) -> int:
     from mailflow.ops.tools import redrive  # noqa: PLC0415
 
     async def main() -> int:
-        async with open_clients() as clients:
+        async with open_clients(mail_region=settings.mail_region) as clients:
             out = await redrive(
                 clients, settings, dry_run=args.dry_run, limit=args.limit, wait_s=args.wait
             )
@@ -275,7 +275,7 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         code = EXIT_OK
-        async with open_clients() as clients:
+        async with open_clients(mail_region=settings.mail_region) as clients:
             queue = await Queue.resolve(clients.sqs, settings.queue, settings.dlq)
             reconciler = Reconciler(settings, clients, queue, options, should_stop=stop.is_set)
             while True:

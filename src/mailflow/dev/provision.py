@@ -8,13 +8,13 @@ usually come from infrastructure code; this keeps dev, tests and LocalStack one 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import structlog
 
 from mailflow import aws
 from mailflow.aws import AwsClients, AwsPermanentError
+from mailflow.aws.envelope import describe_key_arn, key_region
 from mailflow.aws.ledger import ATTENTION_INDEX
 from mailflow.config import Settings
 
@@ -58,12 +58,15 @@ async def provision(clients: AwsClients, settings: Settings) -> dict[str, str]:
     await _subscribe(clients, out["topic_arn"], queue_arn)
     out["queue_url"], out["dlq_url"] = queue_url, dlq_url
     out["table"] = await _table(clients, settings.table)
+    if settings.kms_key:
+        out["kms_key_arn"] = await _kms_key(clients, settings.kms_key)
     log.info("provisioned", **out)
     return out
 
 
 async def _bucket(clients: AwsClients, name: str) -> str:
-    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1"
+    # The S3 client's region: the mail region (MAILFLOW_MAIL_REGION) when one is set.
+    region = clients.s3.meta.region_name or "us-east-1"
     kwargs: dict[str, Any] = {"Bucket": name}
     if region != "us-east-1":
         kwargs["CreateBucketConfiguration"] = {"LocationConstraint": region}
@@ -73,6 +76,27 @@ async def _bucket(clients: AwsClients, name: str) -> str:
         if exc.code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
             raise
     return name
+
+
+async def _kms_key(clients: AwsClients, key_id: str) -> str:
+    """The key SES encrypts with: created (with its alias) when an alias names none yet."""
+    kms = await clients.kms_in(key_region(key_id))
+    try:
+        return await describe_key_arn(kms, key_id)
+    except AwsPermanentError as exc:
+        alias = "alias/" + key_id.rsplit(":alias/", maxsplit=1)[-1].removeprefix("alias/")
+        if exc.code != "NotFoundException" or "alias/" not in key_id:
+            raise
+    created = await aws.call(
+        "kms.CreateKey",
+        kms.create_key,
+        Description="mailflow: SES receipt rule encryption (development)",
+        KeySpec="SYMMETRIC_DEFAULT",
+        KeyUsage="ENCRYPT_DECRYPT",
+    )
+    arn = str(created["KeyMetadata"]["Arn"])
+    await aws.call("kms.CreateAlias", kms.create_alias, AliasName=alias, TargetKeyId=arn)
+    return arn
 
 
 async def _queue(clients: AwsClients, name: str, attrs: dict[str, str]) -> tuple[str, str]:

@@ -98,7 +98,7 @@ async def _dev(settings: Settings, *, exit_when_done: bool) -> int:
     from mailflow.dev.ses import receive_mail, topic_arn  # noqa: PLC0415
     from mailflow.worker.loop import Worker  # noqa: PLC0415
 
-    async with open_clients() as clients:
+    async with open_clients(mail_region=settings.mail_region) as clients:
         await provision(clients, settings)
         worker = Worker(settings, clients)
         loop = asyncio.get_running_loop()

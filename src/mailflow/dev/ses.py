@@ -4,6 +4,10 @@ LocalStack and moto do not implement SES *receiving*, so `mailflow send` and `ma
 use this to put mail into the pipeline exactly as production SES does: the object under the
 incoming prefix with SES's own headers prepended (Return-Path, Received, verdicts), then a
 `Received` notification with an S3 action published to the SNS topic.
+
+With `MAILFLOW_KMS_KEY` set, the object is stored the way a receipt rule with `KmsKeyArn`
+stores it: encrypted by the Amazon S3 encryption client (AES-GCM, the data key wrapped by KMS
+under SES's encryption context, the envelope in the object's metadata; see aws/envelope.py).
 """
 
 from __future__ import annotations
@@ -19,12 +23,15 @@ from typing import Any
 
 from mailflow import aws
 from mailflow.aws import AwsClients
+from mailflow.aws.envelope import describe_key_arn, key_region, seal, ses_context
 from mailflow.config import Settings
 from mailflow.errors import MailflowError
 from mailflow.mail.summary import split_head, summarize
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 SES_HOST = "inbound-smtp.mailflow.invalid"
+#: The receipt rule the emulator pretends to be (it names the rule in the encryption context).
+RULE_NAME = "mailflow-dev"
 
 
 def new_message_id() -> str:
@@ -115,6 +122,20 @@ async def topic_arn(clients: AwsClients, settings: Settings) -> str:
     return str(resp["TopicArn"])
 
 
+async def encrypt_as_ses(
+    clients: AwsClients,
+    key_id: str,
+    mail_id: str,
+    stored: bytes,
+) -> tuple[bytes, dict[str, str]]:
+    """What SES's S3 action with `KmsKeyArn` stores: ciphertext and the envelope metadata."""
+    kms = await clients.kms_in(key_region(key_id))
+    arn = await describe_key_arn(kms, key_id)
+    account = arn.split(":")[4]
+    context = ses_context(mail_id=mail_id, rule_name=RULE_NAME, account=account, key_id=key_id)
+    return await seal(kms, stored, key_id=key_id, context=context)
+
+
 async def receive_mail(
     clients: AwsClients,
     settings: Settings,
@@ -130,12 +151,16 @@ async def receive_mail(
     now = datetime.now(UTC)
     key = f"{settings.incoming_prefix}{mail_id}"
     stored = ses_headers(mail_id, sender, recipients, now, verdict) + raw
+    metadata: dict[str, str] = {}
+    if settings.kms_key:
+        stored, metadata = await encrypt_as_ses(clients, settings.kms_key, mail_id, stored)
     await aws.call(
         "s3.PutObject",
         clients.s3.put_object,
         Bucket=settings.bucket,
         Key=key,
         Body=stored,
+        Metadata=metadata,
     )
     notification = received_notification(
         mail_id=mail_id,

@@ -426,7 +426,7 @@ class EmulatorThread:
             self.server = bound
             self._ready.set()
 
-        async with aws.open_clients() as clients:
+        async with aws.open_clients(mail_region=self._settings.mail_region) as clients:
             await serve(
                 self._settings,
                 clients,

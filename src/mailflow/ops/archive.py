@@ -326,6 +326,7 @@ async def locate(s3: Any, settings: Settings, records: Sequence[dict[str, Any]])
             "url": where.url,
             "exists": info is not None,
             "size_bytes": info.size_bytes if info else None,
+            "encrypted": info.encrypted if info else None,
         }
     in_original = bool(out["original"] and out["original"]["exists"])
     in_archive = bool(out["archived"] and out["archived"]["exists"])
@@ -347,5 +348,7 @@ def describe_location(where: dict[str, Any]) -> str:
     for name in ("original", "archived"):
         if where.get(name):
             state = "present" if where[name]["exists"] else "absent"
+            if where[name].get("encrypted"):
+                state += ", encrypted (KMS)"
             parts.append(f"{name} {where[name]['url']} {state}")
     return "; ".join(parts)

@@ -19,8 +19,9 @@ from typing import Any
 
 import structlog
 
+from mailflow.aws.envelope import DecryptError
 from mailflow.aws.ledger import Busy, Claimed, DeliveryKey, Ledger, Status, history_entry
-from mailflow.aws.store import spooled
+from mailflow.aws.store import KeyRing, spooled
 from mailflow.backoff import retry_delay_s
 from mailflow.config import Settings
 from mailflow.errors import LeaseLostError, ObjectMissingError, TooLargeError, TransientError
@@ -97,8 +98,10 @@ class Deliverer:
         spool_dir: Path,
         shutting_down: Callable[[], bool] = lambda: False,
         clock: Callable[[], float] = time.time,
+        keys: KeyRing | None = None,
     ) -> None:
         self.s = settings
+        self.keys = keys
         self.ledger = ledger
         self.s3 = s3
         self.processor = processor
@@ -240,6 +243,8 @@ class Deliverer:
                 ref.key,
                 spool_dir=self.spool_dir,
                 max_bytes=self.s.max_mail_bytes,
+                keys=self.keys,
+                mail_id=ref.mail_id,
             ) as mail:
                 size_bytes = mail.size_bytes
                 summary = summarize(mail.head)
@@ -265,6 +270,9 @@ class Deliverer:
             result = ProcessResult(transport_error=str(exc))
         except TooLargeError as exc:
             outcome = Outcome(Verdict.PERMANENT, "too_large")
+            result = ProcessResult(transport_error=str(exc))
+        except DecryptError as exc:  # the processor never saw it; the spool file is gone
+            outcome = Outcome(Verdict.PERMANENT, exc.reason)
             result = ProcessResult(transport_error=str(exc))
         except TransientError as exc:
             outcome = Outcome(Verdict.RETRY, "backend_unavailable")

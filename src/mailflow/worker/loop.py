@@ -28,7 +28,7 @@ import structlog
 from mailflow.aws import AwsClients
 from mailflow.aws.ledger import DeliveryKey, Ledger
 from mailflow.aws.queue import BATCH, Message, Queue
-from mailflow.aws.store import make_spool_dir
+from mailflow.aws.store import KeyRing, make_spool_dir
 from mailflow.config import Settings
 from mailflow.errors import BadNotificationError, MailflowError, TransientError
 from mailflow.exitcodes import EXIT_DRAIN_TIMEOUT, EXIT_OK
@@ -154,6 +154,7 @@ class Worker:
             spool_dir=spool_dir,
             shutting_down=self.stop.is_set,
             clock=self._clock,
+            keys=KeyRing(self.clients.kms_in, self.s.kms_key),
         )
         log.info(
             "worker_started",

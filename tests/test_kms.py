@@ -1,0 +1,310 @@
+"""Mail SES stored encrypted with a KMS key: moto server (S3 + KMS) over HTTP, real php-cli.
+
+The emulator stores each mail the way an SES receipt rule with `KmsKeyArn` does (the Amazon S3
+encryption client's envelope: AES-GCM body + tag, the KMS-wrapped data key and SES's encryption
+context in the object's metadata); the worker must decrypt it into the spool, verify the tag
+before the processor starts, and refuse anything altered, with a named reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import Env, all_terminal, require_binary, run_worker_until, sample
+from mailflow.aws import open_clients
+from mailflow.aws.envelope import (
+    DECRYPT_BAD_ENVELOPE,
+    DECRYPT_CONTEXT_MISMATCH,
+    DECRYPT_TAG_MISMATCH,
+    DECRYPT_UNSUPPORTED,
+    DecryptError,
+    GcmStream,
+    parse_envelope,
+)
+from mailflow.aws.store import USER_METADATA_BYTES, fit_metadata
+from mailflow.dev.provision import provision
+from mailflow.routing import delivery_id
+
+RCPT = "ok-007@orders.example.com"
+
+
+@pytest.fixture
+def kenv(env: Env) -> Env:
+    """`env` with an SES receipt-rule key: provision creates it, the emulator encrypts with it."""
+    settings = env.with_settings(kms_key=f"alias/{env.settings.bucket}")
+
+    async def setup() -> str:
+        async with open_clients() as clients:
+            return (await provision(clients, settings))["kms_key_arn"]
+
+    arn = asyncio.run(setup())
+    return Env(settings=settings, ledger_dir=env.ledger_dir, extra={"key_arn": arn})
+
+
+def stdin_seen(env: Env, mail_id: str, recipient: str = RCPT, attempt: int = 1) -> bytes:
+    safe = "".join(c if c.isalnum() else "_" for c in delivery_id(mail_id, recipient))
+    return (env.ledger_dir / "stdin" / f"{safe}.{attempt}").read_bytes()
+
+
+def decrypt_independently(env: Env, bucket: str, key: str) -> bytes:
+    """The stored object decrypted in one piece with boto3 + AESGCM, not mailflow's stream."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: PLC0415
+
+    obj = env.boto("s3").get_object(Bucket=bucket, Key=key)
+    meta = obj["Metadata"]
+    data_key = env.boto("kms").decrypt(
+        CiphertextBlob=base64.b64decode(meta["x-amz-key-v2"]),
+        EncryptionContext=json.loads(meta["x-amz-matdesc"]),
+    )["Plaintext"]
+    return AESGCM(data_key).decrypt(base64.b64decode(meta["x-amz-iv"]), obj["Body"].read(), None)
+
+
+def spool_files(env: Env) -> list[Path]:
+    spool = env.settings.spool_dir
+    assert spool is not None
+    return [p for p in spool.rglob("*") if p.is_file()] if spool.exists() else []
+
+
+def deliver(env: Env, raw: bytes, recipient: str = RCPT, alter: Any = None) -> dict[str, Any]:
+    """Send one mail through the emulator, optionally alter the stored object, run a worker."""
+
+    async def scenario() -> dict[str, Any]:
+        async with open_clients() as clients:
+            mail_id = await env.send(clients, raw, [recipient])
+            if alter is not None:
+                alter(env, f"{env.settings.incoming_prefix}{mail_id}")
+            await run_worker_until(env.settings, clients, all_terminal(env, [mail_id]))
+            (rec,) = await env.records(clients, mail_id)
+            return rec
+
+    return asyncio.run(scenario())
+
+
+def rewrite(env: Env, key: str, body: Any = None, metadata: Any = None) -> None:
+    """Put the object back with its body and/or metadata changed by the given functions."""
+    s3 = env.boto("s3")
+    obj = s3.get_object(Bucket=env.settings.bucket, Key=key)
+    data, meta = obj["Body"].read(), obj["Metadata"]
+    s3.put_object(
+        Bucket=env.settings.bucket,
+        Key=key,
+        Body=body(data) if body else data,
+        Metadata=metadata(meta) if metadata else meta,
+    )
+
+
+def with_context(**changes: str) -> Any:
+    def change(meta: dict[str, str]) -> dict[str, str]:
+        context = json.loads(meta["x-amz-matdesc"]) | changes
+        return meta | {"x-amz-matdesc": json.dumps(context)}
+
+    return change
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+
+def test_encrypted_iso2022jp_mail_reaches_the_processor_byte_identical(kenv: Env) -> None:
+    require_binary("php")
+    raw = sample("order-001-iso2022jp.eml")
+    rec = deliver(kenv, raw)
+    assert (rec["status"], rec["reason"]) == ("succeeded", "ok")
+    stored = kenv.boto("s3").get_object(Bucket=rec["bucket"], Key=rec["key"])
+    assert stored["Metadata"]["x-amz-wrap-alg"] == "kms"
+    assert raw not in stored["Body"].read()  # SES stored ciphertext
+    plaintext = decrypt_independently(kenv, rec["bucket"], rec["key"])
+    seen = stdin_seen(kenv, rec["mail_id"])
+    assert seen == plaintext
+    assert seen.endswith(raw)
+    assert rec["size_bytes"] == len(plaintext)
+    assert rec["subject"]  # the header summary is read from the plaintext
+    assert spool_files(kenv) == []
+
+
+@pytest.mark.parametrize(
+    ("alter", "reason"),
+    [
+        pytest.param(  # one ciphertext bit flipped in the middle of the body
+            lambda env, key: rewrite(env, key, body=lambda b: b[:40] + bytes([b[40] ^ 1]) + b[41:]),
+            DECRYPT_TAG_MISMATCH,
+            id="tampered-ciphertext",
+        ),
+        pytest.param(  # the tag cut off
+            lambda env, key: rewrite(env, key, body=lambda b: b[:-16]),
+            DECRYPT_TAG_MISMATCH,
+            id="truncated",
+        ),
+        pytest.param(  # the context no longer what KMS bound the data key to
+            lambda env, key: rewrite(env, key, metadata=with_context(**{"aws:ses:rule-name": "x"})),
+            "decrypt_kms_refused",
+            id="wrong-context",
+        ),
+        pytest.param(  # another mail's id: refused before KMS is asked
+            lambda env, key: rewrite(
+                env, key, metadata=with_context(**{"aws:ses:message-id": "other"})
+            ),
+            DECRYPT_CONTEXT_MISMATCH,
+            id="context-of-another-mail",
+        ),
+        pytest.param(
+            lambda env, key: rewrite(
+                env, key, metadata=lambda m: m | {"x-amz-cek-alg": "AES/CBC/PKCS5Padding"}
+            ),
+            DECRYPT_UNSUPPORTED,
+            id="unknown-algorithm",
+        ),
+        pytest.param(
+            lambda env, key: rewrite(env, key, metadata=lambda m: m | {"x-amz-wrap-alg": "RSA"}),
+            DECRYPT_UNSUPPORTED,
+            id="unknown-wrap",
+        ),
+    ],
+)
+def test_altered_encrypted_mail_fails_named_without_running_the_processor(
+    kenv: Env, alter: Any, reason: str
+) -> None:
+    require_binary("php")
+    rec = deliver(kenv, sample("order-001-iso2022jp.eml"), alter=alter)
+    assert (rec["status"], rec["reason"]) == ("failed", reason), rec.get("detail")
+    assert rec["attempts"] == 1  # permanent: no retry
+    assert kenv.starts() == []  # the processor never ran
+    assert not (kenv.ledger_dir / "stdin").exists()
+    assert spool_files(kenv) == []  # no plaintext left behind
+
+
+def test_data_key_under_another_key_is_refused(kenv: Env) -> None:
+    """MAILFLOW_KMS_KEY names the one key accepted: KMS refuses data keys wrapped by others."""
+    require_binary("php")
+    other = kenv.boto("kms").create_key()["KeyMetadata"]["Arn"]
+    sender = Env(kenv.with_settings(kms_key=other), kenv.ledger_dir)
+    raw = sample("order-001-iso2022jp.eml")
+
+    async def scenario() -> dict[str, Any]:
+        async with open_clients() as clients:
+            mail_id = await sender.send(clients, raw, [RCPT])
+            await run_worker_until(kenv.settings, clients, all_terminal(kenv, [mail_id]))
+            (rec,) = await kenv.records(clients, mail_id)
+            return rec
+
+    rec = asyncio.run(scenario())
+    assert (rec["status"], rec["reason"]) == ("failed", "decrypt_kms_refused")
+    assert kenv.starts() == []
+
+
+def test_archived_encrypted_mail_stays_decryptable_and_retry_delivers_it(kenv: Env) -> None:
+    require_binary("php")
+    from test_ops_cli import FIXED_ROUTE, mailflow, mailflow_json  # noqa: PLC0415
+
+    recipient = "exit1-005@orders.example.com"
+    rec = deliver(kenv, sample("order-001-iso2022jp.eml"), recipient)
+    assert (rec["status"], rec["reason"]) == ("failed", "exit_1")
+    mail_id = rec["mail_id"]
+    first = stdin_seen(kenv, mail_id, recipient)
+    extra = {"MAILFLOW_KMS_KEY": str(kenv.settings.kms_key)}
+    mailflow(kenv, "reconcile", "--archive-grace", "0", extra=extra)
+    archived = kenv.boto("s3").head_object(Bucket=kenv.settings.bucket, Key=f"failed/{mail_id}")
+    assert archived["Metadata"]["x-amz-key-v2"]  # the envelope travelled with the copy
+    assert archived["Metadata"]["mailflow-outcome"] == "failed"
+    assert decrypt_independently(kenv, kenv.settings.bucket, f"failed/{mail_id}") == first
+    shown = mailflow_json(kenv, "show", mail_id, extra=extra)
+    assert shown[0]["object"]["archived"]["encrypted"] is True
+
+    (done,) = mailflow_json(kenv, "retry", mail_id, extra=extra)
+    assert done["result"] == "retried"
+
+    async def run_fixed() -> dict[str, Any]:
+        async with open_clients() as clients:
+            fixed = kenv.with_settings(routes=(FIXED_ROUTE,))
+            await run_worker_until(fixed, clients, all_terminal(kenv, [mail_id]))
+            (rec,) = await kenv.records(clients, mail_id)
+            return rec
+
+    rec = asyncio.run(run_fixed())
+    assert (rec["status"], rec["reason"]) == ("succeeded", "ok")
+    safe = "".join(c if c.isalnum() else "_" for c in delivery_id(mail_id, recipient))
+    assert (kenv.ledger_dir / "stdin" / f"{safe}.1").read_bytes() == first
+
+
+# --- the envelope and the stream, without AWS --------------------------------------------------
+
+
+def envelope_meta(**changes: str) -> dict[str, str]:
+    meta = {
+        "x-amz-key-v2": base64.b64encode(b"wrapped").decode(),
+        "x-amz-iv": base64.b64encode(bytes(12)).decode(),
+        "x-amz-cek-alg": "AES/GCM/NoPadding",
+        "x-amz-wrap-alg": "kms",
+        "x-amz-tag-len": "128",
+        "x-amz-matdesc": json.dumps({"kms_cmk_id": "k", "aws:ses:message-id": "m1"}),
+        "x-amz-unencrypted-content-length": "5",
+    }
+    return {k: v for k, v in (meta | changes).items() if v != "-"}
+
+
+def test_unencrypted_objects_have_no_envelope() -> None:
+    assert parse_envelope({}) is None
+    assert parse_envelope({"mailflow-mail-id": "x"}) is None
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"x-amz-key-v2": "-", "x-amz-key": "abc"}, DECRYPT_UNSUPPORTED),  # v1: CBC
+        ({"x-amz-tag-len": "96"}, DECRYPT_UNSUPPORTED),
+        ({"x-amz-iv": base64.b64encode(bytes(16)).decode()}, DECRYPT_BAD_ENVELOPE),
+        ({"x-amz-key-v2": "not base64!"}, DECRYPT_BAD_ENVELOPE),
+        ({"x-amz-matdesc": "{"}, DECRYPT_BAD_ENVELOPE),
+        ({"x-amz-matdesc": "{}"}, DECRYPT_BAD_ENVELOPE),  # `kms` wrap without kms_cmk_id
+        ({"x-amz-wrap-alg": "kms+context"}, DECRYPT_CONTEXT_MISMATCH),  # no aws:x-amz-cek-alg
+        ({"x-amz-unencrypted-content-length": "-1"}, DECRYPT_BAD_ENVELOPE),
+    ],
+)
+def test_malformed_envelopes_are_named(changes: dict[str, str], reason: str) -> None:
+    with pytest.raises(DecryptError) as caught:
+        parse_envelope(envelope_meta(**changes), mail_id="m1")
+    assert caught.value.reason == reason
+
+
+def test_envelope_bound_to_its_mail() -> None:
+    assert parse_envelope(envelope_meta(), mail_id="m1") is not None
+    with pytest.raises(DecryptError) as caught:
+        parse_envelope(envelope_meta(), mail_id="m2")
+    assert caught.value.reason == DECRYPT_CONTEXT_MISMATCH
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 15, 16, 17, 1000, 1 << 20])
+def test_gcm_stream_matches_one_shot_decryption_at_any_chunking(chunk: int) -> None:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: PLC0415
+
+    key, iv = bytes(range(32)), bytes(12)
+    plaintext = hashlib.sha256(b"x").digest() * 1000 + b"tail"
+    sealed = AESGCM(key).encrypt(iv, plaintext, None)
+    stream = GcmStream(key, iv)
+    out = b"".join(stream.update(sealed[i : i + chunk]) for i in range(0, len(sealed), chunk))
+    out += stream.finish()
+    assert out == plaintext
+    assert stream.plaintext_bytes == len(plaintext)
+
+    broken = GcmStream(key, iv)
+    tampered = sealed[:-1] + bytes([sealed[-1] ^ 0x80])  # the tag's last bit
+    for i in range(0, len(tampered), chunk):
+        broken.update(tampered[i : i + chunk])
+    with pytest.raises(DecryptError) as caught:
+        broken.finish()
+    assert caught.value.reason == DECRYPT_TAG_MISMATCH
+
+
+def test_archive_metadata_shortened_to_fit_beside_the_envelope() -> None:
+    kept = envelope_meta() | {"x-amz-matdesc": "c" * 900}
+    extra = {"mailflow-deliveries": "d" * 512, "mailflow-reasons": "r" * 512, "short": "s"}
+    fitted = fit_metadata(kept, extra)
+    assert sum(len(k) + len(v) for k, v in fitted.items()) <= USER_METADATA_BYTES
+    assert {k: fitted[k] for k in kept} == kept  # the envelope is never cut
+    assert fitted["short"] == "s"
