@@ -2,10 +2,11 @@
 
 `ne-001: |php r.php 001` … `ne-450: |php r.php 450` is one family: name prefix `ne-`, the
 token, and the command with the token's place marked. Each alias is split at every maximal
-run of digits and every maximal run of letters-and-digits; the token's occurrences in the
-command (up to four, in every combination, so a `1` that also sits in `php8.1` does not spoil
-the shape) give candidate shapes. The shape shared by the most aliases wins, its aliases are
-taken, and so on; an alias no other alias shares a shape with stays on its own.
+run of digits and every maximal run of letters-and-digits. The token's occurrences in the
+command give candidate shapes: up to four occurrences in every combination (so a `1` that
+also sits in `php8.1` does not spoil the shape), beyond that all of them, the whole words,
+and those standing apart. The shape shared by the most aliases wins, its aliases are taken,
+and so on; an alias no other alias shares a shape with stays on its own.
 
 A family renders each member's argv exactly by construction (the shape is the member's argv
 cut at the token), and its regex accepts exactly the members' values, no other: a store that
@@ -22,7 +23,8 @@ from itertools import combinations
 
 from mailflow.routing import SAFE_VALUE
 
-#: Occurrences of a token in a command beyond this are not combined (2^n shapes each).
+#: Occurrences of a token in a command up to this are tried in every combination (2^n - 1
+#: shapes); beyond it only all of them, the whole words, and those standing apart.
 MAX_OCCURRENCES = 4
 
 #: A hole in a shape: where the family's token goes.
@@ -109,17 +111,39 @@ def _shapes(member: Member) -> list[tuple[Shape, str]]:
             for index, word in enumerate(member.argv)
             for at in _occurrences(word, value)
         ]
-        if not 0 < len(places) <= MAX_OCCURRENCES:
+        if not places:
             continue
         prefix, suffix = member.name[:start], member.name[end:]
-        for count in range(1, len(places) + 1):
-            for chosen in combinations(places, count):
-                words = tuple(
-                    _cut(word, value, [at for i, at in chosen if i == index])
-                    for index, word in enumerate(member.argv)
-                )
-                shapes.append(((prefix, suffix, words), value))
+        for chosen in _choices(member.argv, value, places):
+            words = tuple(
+                _cut(word, value, [at for i, at in chosen if i == index])
+                for index, word in enumerate(member.argv)
+            )
+            shapes.append(((prefix, suffix, words), value))
     return shapes
+
+
+def _choices(
+    argv: tuple[str, ...],
+    value: str,
+    places: list[tuple[int, int]],
+) -> set[tuple[tuple[int, int], ...]]:
+    """Which occurrences of the token become the hole: every combination of a few; and always
+    all of them, the whole words, and those not inside a longer run of letters and digits."""
+    chosen: set[tuple[tuple[int, int], ...]] = {tuple(places)}
+    if len(places) <= MAX_OCCURRENCES:
+        for count in range(1, len(places)):
+            chosen.update(combinations(places, count))
+    whole = tuple(p for p in places if argv[p[0]] == value)
+    apart = tuple(p for p in places if _stands_apart(argv[p[0]], p[1], len(value)))
+    chosen.update(c for c in (whole, apart) if c)
+    return chosen
+
+
+def _stands_apart(word: str, start: int, length: int) -> bool:
+    before = word[start - 1 : start]
+    after = word[start + length : start + length + 1]
+    return not before.isalnum() and not after.isalnum()
 
 
 def _occurrences(word: str, value: str) -> list[int]:
