@@ -6,6 +6,7 @@ import contextlib
 import copy
 import itertools
 import json
+import re
 import shlex
 import string
 from datetime import UTC, datetime
@@ -15,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
+from mailflow.aws.queue import sqs_text
 from mailflow.backoff import retry_delay_s
 from mailflow.config import Route
 from mailflow.dev.ses import received_notification
@@ -391,3 +393,48 @@ def test_a_parsed_notification_can_be_stored(recipient: str, sender: str, subjec
     for text in (ref.mail_id, ref.bucket, ref.key, ref.sender, ref.subject, *ref.recipients):
         text.encode("utf-8")  # raises on a lone surrogate
     assert all(len(r.encode("utf-8")) <= 1024 for r in ref.recipients)
+
+
+# --- the dead-letter attributes: SQS's character set -----------------------------------------
+
+
+def sqs_allowed(text: str) -> bool:
+    """SQS's set for bodies and string attributes, written out from its documentation."""
+    return all(
+        ord(c) in (0x9, 0xA, 0xD)
+        or 0x20 <= ord(c) <= 0xD7FF
+        or 0xE000 <= ord(c) <= 0xFFFD
+        or 0x10000 <= ord(c) <= 0x10FFFF
+        for c in text
+    )
+
+
+@PROPS
+@given(any_text, st.integers(min_value=8, max_value=400))
+@example("a\x00b\x1bc\ud800d\ufffe\\", 64)
+@example("é" * 500, 9)
+@example("", 8)
+def test_sqs_text_is_always_accepted_by_sqs(value: str, max_bytes: int) -> None:
+    """Whatever a notification carries, its escaped form is in SQS's set, encodes, is not
+    empty and fits the cap; text already in the set (no backslash) that fits passes as is."""
+    out = sqs_text(value, max_bytes)
+    assert out
+    assert sqs_allowed(out)
+    assert len(out.encode("utf-8")) <= max_bytes
+    if sqs_allowed(value) and "\\" not in value and 0 < len(value.encode("utf-8")) <= max_bytes:
+        assert out == value
+
+
+def unescape(text: str) -> str:
+    return re.sub(
+        r"\\(\\|x[0-9a-f]{2}|u[0-9a-f]{4})",
+        lambda m: "\\" if m[1] == "\\" else chr(int(m[1][1:], 16)),
+        text,
+    )
+
+
+@PROPS
+@given(any_text.filter(bool))
+def test_sqs_text_escapes_read_back(value: str) -> None:
+    """Uncut, the escapes are unambiguous: undoing them gives the input back."""
+    assert unescape(sqs_text(value, 10_000)) == value

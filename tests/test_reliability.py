@@ -302,6 +302,34 @@ def test_worker_survives_a_storm_of_aws_faults(env: Env, proxy: FaultProxy, php:
     assert proxy.stats.total_faults >= 5
 
 
+def test_a_control_character_reaches_the_dlq_with_its_reason(env: Env, proxy: FaultProxy) -> None:
+    """The dead-letter reason quotes the hostile field; SQS refuses control characters in a
+    message attribute (moto does not: the proxy validates as SQS does). Escaped, the send
+    goes through, and the message is in the DLQ with its reason at the first receive."""
+    proxy.strict_sqs = True
+    doc = json.loads(notification_body(env, "a\x01b\x1b[31m", ["ok-001@orders.example.com"]))
+    env.publish_raw(json.dumps(doc))  # JSON escapes the controls in the body itself
+
+    async def scenario() -> Worker:
+        async with clients_via(proxy.url) as clients:
+
+            async def dead(_c: AwsClients) -> bool:
+                return queue_settled(env)
+
+            (worker,) = [Worker(env.settings, clients)]
+            await run_workers_until([worker], clients, dead, timeout_s=15)
+            return worker
+
+    worker = asyncio.run(scenario())
+    (msg,) = env.drain_queue(dlq=True)
+    attrs = {k: v["StringValue"] for k, v in msg["MessageAttributes"].items()}
+    assert attrs["mailflow_reason"] == "bad_mail_id"
+    assert attrs["mailflow_detail"] == "a\\x01b\\x1b[31m"
+    assert json.loads(msg["Body"]) == doc
+    assert worker.stats["dead_lettered"] == 1
+    assert proxy.stats.faults["sqs_refused_attribute"] == 0
+
+
 # --- leases and heartbeat -----------------------------------------------------------------------
 
 
@@ -326,6 +354,44 @@ def test_processor_running_three_visibility_timeouts_runs_once(env: Env, php: st
     assert len(starts(env, did)) == 1
     # received once, by one of the two workers: no redelivery while it ran 3.5 visibilities
     assert sum(w.stats["received"] for w in workers) == 1
+
+
+def test_an_sqs_brownout_does_not_stop_lease_renewal(env: Env, proxy: FaultProxy, php: str) -> None:
+    """SQS refuses ChangeMessageVisibility for three leases while a delivery runs: the
+    message comes back, but the DynamoDB lease is renewed all along, so the copy is deferred
+    and the processor runs exactly once (it ran four times when the lease renewal waited for
+    the visibility call)."""
+    # heartbeat every 0.75 s; the brownout lasts 10 s, over three leases
+    settings = env.with_settings(visibility_timeout_s=3, lease_s=3, processor_timeout_s=30)
+    os.environ["SLOW_S"] = "12"
+    recipient = "slow-006@orders.example.com"
+
+    async def scenario() -> str:
+        async with open_clients() as direct, clients_via(proxy.url) as clients:
+            mail_id = await env.send(direct, SIMPLE_MAIL, [recipient])
+            did = delivery_id(mail_id, recipient)
+            worker = Worker(settings, clients)
+
+            async def done(_c: AwsClients) -> bool:
+                if starts(env, did) and not proxy.refused and not state.get("ended"):
+                    proxy.refused = {"ChangeMessageVisibilityBatch", "ChangeMessageVisibility"}
+                    state["brownout"] = time.monotonic()
+                if proxy.refused and time.monotonic() - state["brownout"] > 10:
+                    proxy.refused = set()
+                    state["ended"] = True
+                return await all_terminal(env, [mail_id])(direct)
+
+            state: dict[str, Any] = {}
+            codes = await run_workers_until([worker], clients, done, timeout_s=60)
+            assert codes == [EXIT_OK]
+            assert state.get("ended"), "the brownout outlasted the delivery"
+            (rec,) = await env.records(direct, mail_id)
+            assert (rec["status"], rec["attempts"]) == ("succeeded", 1)
+            return did
+
+    did = asyncio.run(scenario())
+    assert proxy.stats.faults["refused"] >= 3
+    assert len(starts(env, did)) == 1
 
 
 def _pause_first_beat_with_a_lease(worker: Worker, pause_s: float | None) -> None:

@@ -363,6 +363,11 @@ def ref(bucket: str = "mf-mail", key: str = "incoming/abc", mail_id: str = "abc"
         ("mf-mail", "incoming/abc", "a" * 129, "bad_mail_id"),
         ("mf-mail", "incoming/abc", "a b", "bad_mail_id"),
         ("mf-mail", "incoming/abc", "a\x00b", "bad_mail_id"),
+        # SES stores a mail at <prefix><messageId>: any other object is a replay
+        ("mf-mail", "incoming/old-mail", "abc", "key_not_mail_id"),
+        ("mf-mail", "incoming/sub/dir/abc", "abc", "key_not_mail_id"),
+        ("mf-mail", "incoming/abcd", "abc", "key_not_mail_id"),
+        ("mf-mail", "incoming/ABC", "abc", "key_not_mail_id"),
     ],
 )
 def test_untrusted_notifications_are_refused(
@@ -374,16 +379,15 @@ def test_untrusted_notifications_are_refused(
 
 
 @pytest.mark.parametrize(
-    ("bucket", "key"),
+    ("bucket", "key", "mail_id"),
     [
-        ("mf-mail", "incoming/abc"),
-        ("mf-mail-2", "incoming/abc"),
-        ("mf-mail", "incoming/sub/dir/abc"),
-        ("mf-mail", "incoming/a..b"),
+        ("mf-mail", "incoming/abc", "abc"),
+        ("mf-mail-2", "incoming/abc", "abc"),
+        ("mf-mail", "incoming/a..b", "a..b"),
     ],
 )
-def test_trusted_notifications_pass(bucket: str, key: str) -> None:
-    check_trusted(ref(bucket, key), ("mf-mail", "mf-mail-2"), "incoming/")
+def test_trusted_notifications_pass(bucket: str, key: str, mail_id: str) -> None:
+    check_trusted(ref(bucket, key, mail_id), ("mf-mail", "mf-mail-2"), "incoming/")
 
 
 def test_sidecar_runner_uses_no_shell() -> None:

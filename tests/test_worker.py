@@ -7,11 +7,13 @@ import hashlib
 import json
 import os
 import time
+from datetime import UTC, datetime
 
 import pytest
 
 from conftest import SIMPLE_MAIL, Env, all_terminal, require_binary, run_worker_until
 from mailflow.aws import open_clients
+from mailflow.dev.ses import new_message_id, received_notification
 from mailflow.routing import delivery_id
 
 
@@ -228,6 +230,40 @@ def test_foreign_bucket_is_never_fetched(env: Env) -> None:
     (msg,) = env.drain_queue(dlq=True)
     assert msg["MessageAttributes"]["mailflow_reason"]["StringValue"] == "bucket_not_allowed"
     assert env.starts() == []
+
+
+def test_a_replayed_object_under_a_new_message_id_is_dead_lettered(env: Env) -> None:
+    """A notification naming an earlier mail's object under a fresh messageId would run the
+    processor again with a new delivery id (past the legacy script's duplicate check)."""
+    recipient = "ok-001@orders.example.com"
+
+    async def scenario() -> str:
+        async with open_clients() as clients:
+            mail_id = await env.send(clients, SIMPLE_MAIL, [recipient])
+            await run_worker_until(env.settings, clients, all_terminal(env, [mail_id]))
+            doc = received_notification(
+                mail_id=new_message_id(),  # a fresh id ...
+                bucket=env.settings.bucket,
+                key=f"{env.settings.incoming_prefix}{mail_id}",  # ... naming the old object
+                prefix=env.settings.incoming_prefix,
+                topic_arn="arn:aws:sns:us-east-1:123456789012:t",
+                sender="shop@example.com",
+                recipients=[recipient],
+                common_headers={},
+                now=datetime.now(UTC),
+            )
+            env.publish_raw(json.dumps(doc))
+
+            async def dead(_c) -> bool:
+                return env.queue_counts() == {"visible": 0, "in_flight": 0}
+
+            await run_worker_until(env.settings, clients, dead)
+            return mail_id
+
+    mail_id = run(scenario())
+    (msg,) = env.drain_queue(dlq=True)
+    assert msg["MessageAttributes"]["mailflow_reason"]["StringValue"] == "key_not_mail_id"
+    assert [e[0] for e in env.starts()] == [delivery_id(mail_id, recipient)]
 
 
 def test_oversize_mail_fails_too_large(env: Env) -> None:

@@ -120,6 +120,7 @@ def _error_response(service: str, kind: str) -> tuple[int, dict[str, str], bytes
         return status, {"Content-Type": "application/x-amz-json-1.0"}, body
     if service == "sqs":
         code, status = {
+            "invalid_parameter": ("InvalidParameterValue", 400),
             "http500": ("InternalError", 500),
             "http503": ("ServiceUnavailable", 503),
             "throttle": ("ThrottlingException", 400),
@@ -127,11 +128,12 @@ def _error_response(service: str, kind: str) -> tuple[int, dict[str, str], bytes
         body = json.dumps(
             {"__type": f"com.amazonaws.sqs#{code}", "message": f"injected {kind}"},
         ).encode()
+        fault = "Sender" if kind == "invalid_parameter" else "Receiver"
         return (
             status,
             {
                 "Content-Type": "application/x-amz-json-1.0",
-                "x-amzn-query-error": f"{code};Receiver",
+                "x-amzn-query-error": f"{code};{fault}",
             },
             body,
         )
@@ -145,6 +147,33 @@ def _error_response(service: str, kind: str) -> tuple[int, dict[str, str], bytes
         f"<Message>injected {kind}</Message><RequestId>chaos</RequestId></Error>"
     ).encode()
     return status, {"Content-Type": "application/xml"}, body
+
+
+def _sqs_allowed(text: str) -> bool:
+    return all(
+        ord(c) in (0x9, 0xA, 0xD)
+        or 0x20 <= ord(c) <= 0xD7FF
+        or 0xE000 <= ord(c) <= 0xFFFD
+        or 0x10000 <= ord(c) <= 0x10FFFF
+        for c in text
+    )
+
+
+def _sqs_refuses(req: Request) -> bool:
+    """True for an SQS send whose attribute values real SQS would refuse."""
+    if req.service != "sqs" or req.operation not in {"SendMessage", "SendMessageBatch"}:
+        return False
+    try:
+        doc = json.loads(req.body)
+    except ValueError:
+        return False
+    entries = doc.get("Entries", [doc])
+    for entry in entries:
+        for attr in (entry.get("MessageAttributes") or {}).values():
+            value = attr.get("StringValue")
+            if isinstance(value, str) and (not value or not _sqs_allowed(value)):
+                return True
+    return False
 
 
 async def _read_body(reader: asyncio.StreamReader, headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -214,6 +243,12 @@ class FaultProxy:
         self.port = 0
         #: While set, every call fails (an outage); see `outage()`.
         self.down = False
+        #: Operations (X-Amz-Target suffix) answered 503 while named here: a brownout of one
+        #: API, e.g. {"ChangeMessageVisibilityBatch"} while the rest of SQS works.
+        self.refused: set[str] = set()
+        #: Validate SQS sends as SQS does and moto does not: a message attribute value with a
+        #: character outside SQS's set is refused (400 InvalidParameterValue).
+        self.strict_sqs = False
 
     @property
     def url(self) -> str:
@@ -289,6 +324,10 @@ class FaultProxy:
                     self.stats.faults[kind] += 1
                     self.stats.faults_by_service[req.service] += 1
                 return kind
+            if req.operation in self.refused:
+                self.stats.faults["refused"] += 1
+                self.stats.faults_by_service[req.service] += 1
+                return "http503"
             if self.down:
                 kind = "reset_before" if self._rand.random() < 0.5 else "http503"
                 self.stats.faults[f"outage_{kind}"] += 1
@@ -325,7 +364,11 @@ class FaultProxy:
                 if kind == "reset_before":
                     _abort(writer)
                     return
-                if kind in {"http500", "http503", "throttle"}:
+                if self.strict_sqs and _sqs_refuses(req):
+                    kind = "invalid_parameter"
+                    with self._lock:
+                        self.stats.faults["sqs_refused_attribute"] += 1
+                if kind in {"http500", "http503", "throttle", "invalid_parameter"}:
                     status, extra, payload = _error_response(req.service, kind)
                     self._respond(writer, status, list(extra.items()), payload)
                     await writer.drain()

@@ -122,6 +122,8 @@ async def call(
     operation: str,
     fn: Callable[..., Awaitable[T]],
     /,
+    *,
+    deadline_s: float | None = None,
     **kwargs: Any,
 ) -> T:
     """Run one AWS call with bounded, jittered retries; raise only mailflow errors.
@@ -129,10 +131,29 @@ async def call(
     Retried calls must be safe to repeat. Conditional writes are: a retry after a lost
     response fails its condition, and the callers recognise their own earlier write by its
     lease token (see ledger.py).
+
+    `deadline_s` bounds the whole call, tries, backoff and a hanging request included (a
+    `TransientError` when it passes): for callers that must be done before their next round,
+    such as the heartbeat. Without it, retries stop after CALL_DEADLINE_S.
     """
+    if deadline_s is None:
+        return await _call(operation, fn, CALL_DEADLINE_S, kwargs)
+    try:
+        async with asyncio.timeout(deadline_s):
+            return await _call(operation, fn, deadline_s, kwargs)
+    except TimeoutError:
+        raise TransientError(f"{operation}: no answer within {deadline_s:.1f}s") from None
+
+
+async def _call(
+    operation: str,
+    fn: Callable[..., Awaitable[T]],
+    retry_deadline_s: float,
+    kwargs: dict[str, Any],
+) -> T:
     retrying = AsyncRetrying(
         retry=retry_if_exception_type(RetryableAwsError),
-        stop=stop_after_attempt(CALL_ATTEMPTS) | stop_after_delay(CALL_DEADLINE_S),
+        stop=stop_after_attempt(CALL_ATTEMPTS) | stop_after_delay(retry_deadline_s),
         wait=wait_random_exponential(multiplier=0.05, max=5.0),
         reraise=True,
         before_sleep=lambda rs: log.warning(

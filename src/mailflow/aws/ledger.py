@@ -172,10 +172,13 @@ class Ledger:
         upd: _Update,
         condition: str,
         returns: str = "ALL_NEW",
+        *,
+        deadline_s: float | None = None,
     ) -> dict[str, Any]:
         resp = await aws.call(
             op,
             self._ddb.update_item,
+            deadline_s=deadline_s,
             TableName=self.table,
             Key=key.as_key(),
             UpdateExpression=upd.expression(),
@@ -233,9 +236,17 @@ class Ledger:
             return _busy(old, now)
         return Claimed(record, token)
 
-    async def renew(self, key: DeliveryKey, token: str, lease_s: float) -> bool:
+    async def renew(
+        self,
+        key: DeliveryKey,
+        token: str,
+        lease_s: float,
+        *,
+        deadline_s: float | None = None,
+    ) -> bool:
         """Extend the lease. False means it is gone: someone else owns the delivery now.
-        True also when the delivery already carries our own outcome (nothing left to renew)."""
+        True also when the delivery already carries our own outcome (nothing left to renew).
+        `deadline_s` bounds the call (TransientError past it), so a heartbeat ends in time."""
         now = self._clock()
         upd = _Update()
         upd.set("lease_expires_at", now + lease_s)
@@ -245,7 +256,9 @@ class Ledger:
             f" AND {upd.name('status')} = {upd.value('processing', Status.PROCESSING.value)}"
         )
         try:
-            await self._update("ddb.renew", key, upd, condition, returns="NONE")
+            await self._update(
+                "ddb.renew", key, upd, condition, returns="NONE", deadline_s=deadline_s
+            )
         except ConditionFailedError as exc:
             # Our own outcome landed after the heartbeat took its snapshot: nothing was lost
             # (a False here would cancel a delivery that has just finished).

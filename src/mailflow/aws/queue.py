@@ -27,6 +27,52 @@ MAX_VISIBILITY_S = 43200
 BATCH = 10
 #: Batch calls of one kind in flight at once; further requests queue up and share the next one.
 BATCH_FLIGHTS = 4
+#: Caps (UTF-8 bytes) of the dead-letter attributes: a reason is a short machine word, a
+#: detail one line for an operator; the body beside them keeps the whole evidence.
+REASON_MAX_BYTES = 128
+DETAIL_MAX_BYTES = 1000
+
+
+def _sqs_allowed(ch: str) -> bool:
+    """SQS's character set for bodies and string attributes (the XML 1.0 Char production):
+    #x9 | #xA | #xD | #x20-#xD7FF | #xE000-#xFFFD | #x10000-#x10FFFF. Anything else gets
+    the whole SendMessage refused with InvalidParameterValue."""
+    code = ord(ch)
+    return (
+        code in (0x9, 0xA, 0xD)
+        or 0x20 <= code <= 0xD7FF
+        or 0xE000 <= code <= 0xFFFD
+        or 0x10000 <= code <= 0x10FFFF
+    )
+
+
+def sqs_text(value: str, max_bytes: int) -> str:
+    """`value` as an SQS string attribute: characters outside SQS's set escaped (`\\xNN`,
+    `\\uNNNN`; a backslash doubled, so the escape reads back unambiguously), cut at a
+    character boundary to at most `max_bytes` UTF-8 bytes (an ellipsis marks the cut), never
+    empty (SQS refuses an empty value)."""
+    pieces = []
+    for ch in value:
+        if ch == "\\":
+            pieces.append("\\\\")
+        elif _sqs_allowed(ch):
+            pieces.append(ch)
+        elif ord(ch) <= 0xFF:
+            pieces.append(f"\\x{ord(ch):02x}")
+        else:
+            pieces.append(f"\\u{ord(ch):04x}")
+    text = "".join(pieces)
+    if len(text.encode("utf-8")) <= max_bytes:
+        return text or "-"
+    kept: list[str] = []
+    budget = max_bytes - len("…".encode())
+    for piece in pieces:  # whole pieces only: never half a character or half an escape
+        budget -= len(piece.encode("utf-8"))
+        if budget < 0:
+            break
+        kept.append(piece)
+    return "".join(kept) + "…"
+
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -214,27 +260,50 @@ class Queue:
             return False
         return True
 
-    async def extend_batch(self, messages: Sequence[Message], seconds: float) -> list[str]:
-        """Heartbeat: push visibility out for many messages, 10 per call. Returns failed ids."""
+    async def extend_batch(
+        self,
+        messages: Sequence[Message],
+        seconds: float,
+        *,
+        deadline_s: float | None = None,
+    ) -> list[str]:
+        """Heartbeat: push visibility out for many messages, 10 per call, the calls at once.
+        Returns the ids SQS refused; raises TransientError if a call got no answer within
+        `deadline_s` (then nothing is known about its messages)."""
+        chunks = [messages[i : i + BATCH] for i in range(0, len(messages), BATCH)]
+        results = await asyncio.gather(
+            *(self._extend_chunk(chunk, seconds, deadline_s) for chunk in chunks),
+            return_exceptions=True,
+        )
         failed: list[str] = []
-        for start in range(0, len(messages), BATCH):
-            chunk = messages[start : start + BATCH]
-            entries = [
-                {
-                    "Id": str(i),
-                    "ReceiptHandle": m.receipt_handle,
-                    "VisibilityTimeout": clamp_visibility(seconds),
-                }
-                for i, m in enumerate(chunk)
-            ]
-            resp = await aws.call(
-                "sqs.ChangeMessageVisibilityBatch",
-                self._sqs.change_message_visibility_batch,
-                QueueUrl=self.url,
-                Entries=entries,
-            )
-            failed.extend(chunk[int(f["Id"])].message_id for f in resp.get("Failed", []))
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            failed.extend(result)
         return failed
+
+    async def _extend_chunk(
+        self,
+        chunk: Sequence[Message],
+        seconds: float,
+        deadline_s: float | None,
+    ) -> list[str]:
+        entries = [
+            {
+                "Id": str(i),
+                "ReceiptHandle": m.receipt_handle,
+                "VisibilityTimeout": clamp_visibility(seconds),
+            }
+            for i, m in enumerate(chunk)
+        ]
+        resp = await aws.call(
+            "sqs.ChangeMessageVisibilityBatch",
+            self._sqs.change_message_visibility_batch,
+            deadline_s=deadline_s,
+            QueueUrl=self.url,
+            Entries=entries,
+        )
+        return [chunk[int(f["Id"])].message_id for f in resp.get("Failed", [])]
 
     async def dead_letter(self, msg: Message, reason: str, detail: str) -> None:
         """Move a poison message to the DLQ with its reason, then delete it here.
@@ -244,15 +313,18 @@ class Queue:
         """
         if self.dlq_url is None:
             raise AwsPermanentError("sqs.SendMessage", "NoDLQ", "the queue has no DLQ")
+        # Every value escaped to SQS's character set and capped: the reason and detail quote
+        # the hostile input itself, and a refused send would leave the message looping until
+        # the redrive policy dead-letters it with no reason at all.
         await aws.call(
             "sqs.SendMessage",
             self._sqs.send_message,
             QueueUrl=self.dlq_url,
             MessageBody=msg.body or "(empty)",
             MessageAttributes={
-                "mailflow_reason": {"DataType": "String", "StringValue": reason},
-                "mailflow_detail": {"DataType": "String", "StringValue": detail[:1000] or "-"},
-                "mailflow_source_message_id": {"DataType": "String", "StringValue": msg.message_id},
+                "mailflow_reason": _attr(sqs_text(reason, REASON_MAX_BYTES)),
+                "mailflow_detail": _attr(sqs_text(detail, DETAIL_MAX_BYTES)),
+                "mailflow_source_message_id": _attr(sqs_text(msg.message_id, REASON_MAX_BYTES)),
             },
         )
         await self.delete(msg)
@@ -285,6 +357,10 @@ class Queue:
             out[f"{name}_visible"] = int(attrs.get("ApproximateNumberOfMessages", 0))
             out[f"{name}_in_flight"] = int(attrs.get("ApproximateNumberOfMessagesNotVisible", 0))
         return out
+
+
+def _attr(text: str) -> dict[str, str]:
+    return {"DataType": "String", "StringValue": text}
 
 
 async def _url(sqs: Any, queue: str) -> str:

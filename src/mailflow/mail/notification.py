@@ -151,7 +151,10 @@ def _check_storable(ref: MailRef) -> None:
 
 
 def check_trusted(ref: MailRef, allowed_buckets: tuple[str, ...], incoming_prefix: str) -> None:
-    """A notification names an object; only objects we own, under the incoming prefix, count."""
+    """A notification names an object; only objects we own, under the incoming prefix, count,
+    and only the one SES wrote for this very mail: `<incoming prefix><messageId>`. Any other
+    key is a replay of an older object under a fresh messageId, which would run the processor
+    again with a new delivery id (past the legacy script's duplicate check)."""
     if ref.bucket not in allowed_buckets:
         raise BadNotificationError("bucket_not_allowed", ref.bucket[:128])
     if not ref.key.startswith(incoming_prefix) or ".." in ref.key.split("/"):
@@ -164,6 +167,10 @@ def check_trusted(ref: MailRef, allowed_buckets: tuple[str, ...], incoming_prefi
         or any(ord(ch) <= 0x20 or ord(ch) == 0x7F for ch in ref.mail_id)  # reaches env and argv
     ):
         raise BadNotificationError("bad_mail_id", ref.mail_id[:128])
+    if ref.key != incoming_prefix + ref.mail_id:
+        raise BadNotificationError(
+            "key_not_mail_id", f"{ref.key[:256]} is not {incoming_prefix}{ref.mail_id}"
+        )
 
 
 def synthetic_notification(

@@ -53,6 +53,9 @@ PARKED_PER_SLOT = 4
 #: ...unless its receive count is this close to maxReceiveCount: then it is parked over the cap,
 #: never deferred into the DLQ.
 DLQ_MARGIN = 2
+#: Each heartbeat call (visibility, lease renewal) gets this share of the interval as its
+#: deadline, retries included, so a beat ends before the next one is due.
+BEAT_DEADLINE_SHARE = 0.8
 
 
 def make_processor(settings: Settings) -> Processor:
@@ -465,18 +468,37 @@ class Worker:
                 log.exception("heartbeat_failed")
 
     async def _beat(self) -> None:
+        """Renew every held visibility and every held lease, each on its own and each bounded
+        by BEAT_DEADLINE_SHARE of the interval: a refusing or hanging SQS must not keep the
+        DynamoDB leases from being renewed (a lapsed lease lets a redelivered copy run the
+        processor again), and one slow beat must not swallow the next."""
         held = list(self._held.values())
         if not held:
             return
-        failed = await self._queue.extend_batch(
-            [h.message for h in held],
-            self.s.visibility_timeout_s,
+        deadline_s = self.s.heartbeat_interval_s * BEAT_DEADLINE_SHARE
+        await asyncio.gather(
+            self._extend_visibility(held, deadline_s), self._renew_leases(held, deadline_s)
         )
+
+    async def _extend_visibility(self, held: list[Held], deadline_s: float) -> None:
+        try:
+            failed = await self._queue.extend_batch(
+                [h.message for h in held], self.s.visibility_timeout_s, deadline_s=deadline_s
+            )
+        except MailflowError as exc:
+            # The leases are what fence a redelivered copy; the next beat tries again.
+            log.warning("visibility_extend_failed", held=len(held), error=str(exc))
+            return
         if failed:
             log.warning("visibility_extend_failed", message_ids=failed)
+
+    async def _renew_leases(self, held: list[Held], deadline_s: float) -> None:
         renewals = [(h, key, token) for h in held for key, token in list(h.leases.items())]
         results = await asyncio.gather(
-            *(self.ledger.renew(key, token, self.s.lease_s) for _, key, token in renewals),
+            *(
+                self.ledger.renew(key, token, self.s.lease_s, deadline_s=deadline_s)
+                for _, key, token in renewals
+            ),
             return_exceptions=True,
         )
         for (h, key, _), ok in zip(renewals, results, strict=True):
