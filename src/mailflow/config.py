@@ -8,6 +8,7 @@ other AWS tool on the box.
 from __future__ import annotations
 
 import json
+import shlex
 import string
 from pathlib import Path
 from typing import Annotated, Literal, Self
@@ -18,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -73,6 +75,10 @@ class Route(BaseModel):
             raise ValueError(f"route {self.name!r}: max_in_flight_per_key needs a key")
         if not self.command.strip():
             raise ValueError(f"route {self.name!r}: empty command")
+        try:  # as routing splits it, once, at start: not at the first matching delivery
+            shlex.split(self.command)
+        except ValueError as exc:
+            raise ValueError(f"route {self.name!r}: command does not split: {exc}") from None
         return self
 
 
@@ -86,6 +92,13 @@ def template_fields(template: str) -> list[str]:
             raise ValueError(f"placeholder {{{field}}} must be a plain name")
         fields.append(field)
     return fields
+
+
+#: What the processor must never get through MAILFLOW_PASS_ENV: the worker's AWS access.
+#: Every AWS_* variable (keys, session token, profile, the container and web-identity
+#: credential sources) and the non-prefixed ones AWS SDKs also read.
+CREDENTIAL_PREFIXES = ("AWS_",)
+CREDENTIAL_NAMES = frozenset({"AMAZON_ACCESS_KEY_ID", "AMAZON_SECRET_ACCESS_KEY"})
 
 
 DEFAULT_ROUTES = (
@@ -206,6 +219,43 @@ class Settings(BaseSettings):
                 return json.loads(value)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"not JSON: {exc}") from None
+        return value
+
+    @field_validator("pass_env")
+    @classmethod
+    def _no_credentials(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            upper = name.upper()
+            if upper.startswith(CREDENTIAL_PREFIXES) or upper in CREDENTIAL_NAMES:
+                raise ValueError(
+                    f"{name} is AWS configuration or a credential: the processor never gets"
+                    " the worker's AWS access"
+                )
+        return value
+
+    @field_validator("fastcgi_address")
+    @classmethod
+    def _fastcgi_address(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("processor_transport") == "fastcgi":
+            # The one parser the transport uses; imported here to keep config light.
+            from mailflow.processors.fastcgi import FastCGIAddress  # noqa: PLC0415
+
+            FastCGIAddress.parse(value)  # ValueError says what is wrong
+        return value
+
+    @field_validator("runner_script")
+    @classmethod
+    def _runner_absolute(cls, value: str, info: ValidationInfo) -> str:
+        if info.data.get("processor_transport") == "fastcgi" and not value.startswith("/"):
+            raise ValueError(f"{value!r} must be an absolute path (php-fpm resolves no other)")
+        return value
+
+    @field_validator("incoming_prefix")
+    @classmethod
+    def _incoming_not_empty(cls, value: str) -> str:
+        if not value:
+            # The key check and the orphan scan would then cover the whole bucket.
+            raise ValueError("must not be empty: SES writes mail under a prefix of its own")
         return value
 
     @field_validator("incoming_prefix", "processed_prefix", "failed_prefix", "quarantine_prefix")
