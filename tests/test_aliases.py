@@ -66,7 +66,7 @@ def test_every_spelling_of_a_pipe_runs_the_same_command() -> None:
     assert parsed.aliases[4].line == 7
     assert parsed.aliases[5].written_name == "A6"
     for alias in parsed.aliases:
-        carried = carry_over(alias)
+        carried = carry_over(alias, DOMAIN)
         assert isinstance(carried, Carried), alias
         assert carried.argv == ("php", "r.php", "001")
 
@@ -84,7 +84,7 @@ def test_target_kinds() -> None:
         "d": ["address"],
         "e": ["command", "address"],
     }
-    reasons = {a.name: carry_over(a) for a in parsed.aliases}
+    reasons = {a.name: carry_over(a, DOMAIN) for a in parsed.aliases}
     assert all(isinstance(r, Refusal) for r in reasons.values())
     assert "forwards to an address" in str(reasons["a"])
     assert "appends to a file" in str(reasons["b"])
@@ -107,6 +107,7 @@ def test_target_kinds() -> None:
         ("a@b.example: |a\n", 1, "is an address"),
         (": |a\n", 1, "empty alias name"),
         ("bad: |a \\", 1, "backslash at the end of the line"),
+        ("bad\x01name: |a\n", 1, "control character"),
     ],
 )
 def test_bad_input_gets_its_line_and_reason(text: str, line: int, reason: str) -> None:
@@ -126,6 +127,22 @@ def test_a_line_that_is_not_utf8_is_reported_not_fatal() -> None:
     (problem,) = parsed.problems
     assert (problem.line, problem.name) == (3, None)
     assert "not UTF-8" in problem.reason
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_name() -> None:
+    parsed = read_aliases(b"\xef\xbb\xbfok: |a\n")
+    assert [a.name for a in parsed.aliases] == ["ok"]
+
+
+def test_a_name_too_long_for_an_address_is_refused_by_import_and_check() -> None:
+    name = "n" * (320 - len(DOMAIN))
+    parsed = parse_aliases(f"{name}: |a\nok: |b\n")
+    result = import_aliases(parsed, DOMAIN)
+    (refusal,) = result.refused
+    assert refusal.name == name
+    assert "longer than 320 characters" in refusal.reason
+    report = check_aliases(parsed, tuple(r.route for r in result.routes), DOMAIN)
+    assert [r.status for r in report.rows] == ["not_carried_over", "same"]
 
 
 def test_duplicates_keep_the_last_and_say_so() -> None:
@@ -565,6 +582,18 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     )
     assert "cannot read" in missing.stderr
     mailflow("aliases", "import", str(aliases), "--domain", "no such domain", code=2, cwd=tmp_path)
+    unwritable = mailflow(
+        "aliases",
+        "import",
+        str(aliases),
+        "--domain",
+        DOMAIN,
+        "--out",
+        str(tmp_path / "no-such-dir" / "routes.json"),
+        code=2,
+        cwd=tmp_path,
+    )
+    assert "cannot write" in unwritable.stderr
     bad_routes = tmp_path / "routes.json"
     bad_routes.write_text('[{"name": "x"}]')
     broken = mailflow(

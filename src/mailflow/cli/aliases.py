@@ -79,7 +79,11 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
         sys.stdout.write(document)
         sys.stdout.flush()
     else:
-        args.out.write_text(document, encoding="utf-8")
+        try:
+            args.out.write_text(document, encoding="utf-8")
+        except OSError as exc:
+            sys.stderr.write(f"mailflow aliases import: cannot write {args.out}: {exc}\n")
+            return EXIT_CONFIG
     _import_summary(result, args.out)
     return EXIT_OK if result.complete else EXIT_FAILURE
 

@@ -144,7 +144,7 @@ def read_aliases(raw: bytes) -> AliasesFile:
     Legacy files often carry comments in another charset (EUC-JP, Shift_JIS); comments are
     ignored, and an alias line that is not UTF-8 is reported with its number.
     """
-    return parse_aliases(raw.decode("utf-8", errors="surrogateescape"))
+    return parse_aliases(raw.decode("utf-8-sig", errors="surrogateescape"))
 
 
 def _undecodable(text: str) -> bool:
@@ -164,6 +164,8 @@ def _parse_line(line_no: int, line: str) -> Alias:
         raise _LineError("empty alias name before ':'")
     if any(ch.isspace() for ch in written_name):
         raise _LineError(f"alias name {written_name!r} contains whitespace (a missing ':'?)")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in written_name):
+        raise _LineError("alias name contains a control character")
     if "@" in written_name:
         raise _LineError(f"alias name {written_name!r} is an address; aliases are local parts")
     targets = tuple(_target(item) for item in _split_targets(rhs))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from mailflow.migrate.aliases import Alias, Target
 from mailflow.migrate.shell import sh_words, shell_needs
+from mailflow.routing import MAX_RECIPIENT_CHARS
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,8 +33,15 @@ class Refusal:
     reason: str
 
 
-def carry_over(alias: Alias) -> Carried | Refusal:
+def carry_over(alias: Alias, domain: str) -> Carried | Refusal:
     """The alias's argv, or the reason mailflow cannot run the same thing for it."""
+    if len(f"{alias.name}@{domain}") > MAX_RECIPIENT_CHARS:
+        return Refusal(
+            alias.line,
+            alias.name,
+            f"<alias>@{domain} is longer than {MAX_RECIPIENT_CHARS} characters:"
+            " mailflow refuses such a recipient",
+        )
     if len(alias.targets) != 1:
         kinds = ", ".join(_describe(t) for t in alias.targets)
         return Refusal(

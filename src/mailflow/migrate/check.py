@@ -98,7 +98,7 @@ def check_aliases(parsed: AliasesFile, routes: tuple[Route, ...], domain: str) -
         recipient = f"{alias.written_name}@{domain}"
         seen = probe(routes, recipient)
         written = ", ".join(t.written for t in alias.targets)
-        carried = carry_over(alias)
+        carried = carry_over(alias, domain)
         if not isinstance(carried, Carried):
             status: Status = "not_carried_over"
             expected = None

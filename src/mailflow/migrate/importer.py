@@ -83,7 +83,7 @@ def import_aliases(
     ]
     carried: list[Carried] = []
     for alias in parsed.aliases:
-        outcome = carry_over(alias)
+        outcome = carry_over(alias, domain)
         if isinstance(outcome, Carried):
             carried.append(outcome)
         else:
