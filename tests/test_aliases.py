@@ -282,6 +282,24 @@ def test_check_sees_a_wrong_route() -> None:
     assert not report.passed(accept_refused=True)
 
 
+def test_a_route_mailflow_would_run_differently_is_refused_not_written(monkeypatch) -> None:
+    # Simulate a template bug: the proof through mailflow's routing must catch it.
+    from mailflow.migrate import importer  # noqa: PLC0415
+
+    real = importer.template_word
+    monkeypatch.setattr(
+        importer,
+        "template_word",
+        lambda pieces, group: real(["x" if p == "b" else p for p in pieces], group),
+    )
+    result = import_aliases(parse_aliases("one: |php a b\ntwo: |php c d\n"), DOMAIN)
+    assert [r.route.name for r in result.routes] == ["two"]
+    (refusal,) = result.refused
+    assert refusal.name == "one"
+    assert "would run ['php', 'a', 'x']" in refusal.reason
+    assert "import bug" in refusal.reason
+
+
 def test_bad_domain_and_group_are_refused() -> None:
     parsed = parse_aliases("a: |b\n")
     with pytest.raises(ValueError, match="not a domain"):
