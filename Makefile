@@ -3,6 +3,7 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+S3EC    := .venv-s3ec/.installed
 LINTED  := src tests examples $(wildcard bench)
 
 .PHONY: run test lint typecheck unit chaos bench clean
@@ -14,12 +15,19 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet -c requirements.lock -e '.[dev,test]'
 	touch $(STAMP)
 
+# AWS's S3 encryption client for the compatibility tests: its pins conflict with ours.
+$(S3EC): tests/compat/requirements-s3ec.txt
+	$(PY) -m venv .venv-s3ec
+	.venv-s3ec/bin/pip install --quiet --upgrade pip
+	.venv-s3ec/bin/pip install --quiet --no-deps -r tests/compat/requirements-s3ec.txt
+	touch $(S3EC)
+
 ## run: the embedded default: moto server, provision, worker, sample mails (Ctrl-C stops)
 run: $(STAMP)
 	$(BIN)/mailflow dev
 
 ## test: lint, type check, and the whole test suite
-test: $(STAMP) lint typecheck
+test: $(STAMP) $(S3EC) lint typecheck
 	$(BIN)/pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
@@ -38,4 +46,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-s3ec var .pytest_cache .mypy_cache .ruff_cache

@@ -12,12 +12,15 @@ import asyncio
 import base64
 import hashlib
 import json
+import os
+import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import Env, all_terminal, require_binary, run_worker_until, sample
+from conftest import REPO, TESTS, Env, all_terminal, require_binary, run_worker_until, sample
 from mailflow.aws import open_clients
 from mailflow.aws.envelope import (
     DECRYPT_BAD_ENVELOPE,
@@ -29,6 +32,7 @@ from mailflow.aws.envelope import (
     parse_envelope,
 )
 from mailflow.aws.store import USER_METADATA_BYTES, fit_metadata
+from mailflow.dev import ses
 from mailflow.dev.provision import provision
 from mailflow.routing import delivery_id
 
@@ -230,6 +234,80 @@ def test_archived_encrypted_mail_stays_decryptable_and_retry_delivers_it(kenv: E
     assert (rec["status"], rec["reason"]) == ("succeeded", "ok")
     safe = "".join(c if c.isalnum() else "_" for c in delivery_id(mail_id, recipient))
     assert (kenv.ledger_dir / "stdin" / f"{safe}.1").read_bytes() == first
+
+
+# --- compatibility with AWS's own S3 encryption client --------------------------------------
+
+S3EC_PYTHON = REPO / ".venv-s3ec" / "bin" / "python"
+
+
+def s3ec(*args: str, stdin: bytes = b"") -> bytes:
+    """Run AWS's client (tests/compat/s3ec.py) in its own venv, against the moto server."""
+    if not S3EC_PYTHON.exists():
+        if os.environ.get("CI"):
+            pytest.fail("CI needs .venv-s3ec: make .venv-s3ec/.installed")
+        pytest.skip("no .venv-s3ec (make .venv-s3ec/.installed)")
+    done = subprocess.run(
+        [str(S3EC_PYTHON), str(TESTS / "compat" / "s3ec.py"), *args],
+        input=stdin,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    return done.stdout
+
+
+def test_mail_encrypted_by_aws_s3_encryption_client_is_delivered(kenv: Env) -> None:
+    """AWS's client encrypts (kms+context wrap) under SES's context; the worker decrypts."""
+    require_binary("php")
+    s = kenv.settings
+    raw = sample("order-001-iso2022jp.eml")
+    mail_id = ses.new_message_id()
+    key = f"{s.incoming_prefix}{mail_id}"
+    now = datetime.now(UTC)
+    stored = ses.ses_headers(mail_id, "shop@example.com", [RCPT], now) + raw
+    context = {
+        "aws:ses:message-id": mail_id,
+        "aws:ses:rule-name": "inbound",
+        "aws:ses:source-account": "123456789012",
+    }
+    s3ec("encrypt", s.bucket, key, str(s.kms_key), json.dumps(context), stdin=stored)
+    meta = kenv.boto("s3").head_object(Bucket=s.bucket, Key=key)["Metadata"]
+    assert meta["x-amz-wrap-alg"] == "kms+context"
+    assert meta["x-amz-cek-alg"] == "AES/GCM/NoPadding"
+
+    async def scenario() -> dict[str, Any]:
+        async with open_clients() as clients:
+            arn = await ses.topic_arn(clients, s)
+            notification = ses.received_notification(
+                mail_id=mail_id, bucket=s.bucket, key=key, prefix=s.incoming_prefix,
+                topic_arn=arn, sender="shop@example.com", recipients=[RCPT],
+                common_headers={}, now=now,
+            )  # fmt: skip
+            await clients.sns.publish(TopicArn=arn, Message=json.dumps(notification))
+            await run_worker_until(s, clients, all_terminal(kenv, [mail_id]))
+            (rec,) = await kenv.records(clients, mail_id)
+            return rec
+
+    rec = asyncio.run(scenario())
+    assert (rec["status"], rec["reason"]) == ("succeeded", "ok"), rec.get("detail")
+    assert stdin_seen(kenv, mail_id) == stored
+
+
+def test_mail_encrypted_like_ses_is_read_by_aws_s3_encryption_client(kenv: Env) -> None:
+    """What the emulator stores (SES's `kms` wrap) decrypts with AWS's client to the same bytes."""
+    raw = sample("order-002-shiftjis.eml")
+
+    async def send() -> str:
+        async with open_clients() as clients:
+            return await kenv.send(clients, raw, [RCPT])
+
+    mail_id = asyncio.run(send())
+    key = f"{kenv.settings.incoming_prefix}{mail_id}"
+    theirs = s3ec("decrypt", kenv.settings.bucket, key, str(kenv.settings.kms_key))
+    assert theirs.endswith(raw)
+    assert theirs == decrypt_independently(kenv, kenv.settings.bucket, key)
 
 
 # --- the envelope and the stream, without AWS --------------------------------------------------
