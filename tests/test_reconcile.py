@@ -17,9 +17,9 @@ from mailflow.aws import AwsClients, open_clients
 from mailflow.aws.ledger import DeliveryKey, Ledger, Status
 from mailflow.aws.queue import Queue
 from mailflow.dev.ses import new_message_id, ses_headers
-from mailflow.ops.reconcile import Options, PassReport, Reconciler
+from mailflow.ops.reconcile import PassReport, ReconcileOptions, Reconciler
 
-NOW_OPTIONS = Options(grace_s=0, archive_grace_s=0, orphan_age_s=0)
+NOW_OPTIONS = ReconcileOptions(grace_s=0, archive_grace_s=0, orphan_age_s=0)
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +34,9 @@ def mail_to(*to: str) -> bytes:
     )  # fmt: skip
 
 
-async def reconcile(env: Env, clients: AwsClients, options: Options = NOW_OPTIONS) -> PassReport:
+async def reconcile(
+    env: Env, clients: AwsClients, options: ReconcileOptions = NOW_OPTIONS
+) -> PassReport:
     queue = await Queue.resolve(clients.sqs, env.settings.queue, env.settings.dlq)
     return await Reconciler(env.settings, clients, queue, options).run_pass()
 
@@ -118,7 +120,7 @@ def test_two_racing_passes_archive_each_mail_exactly_once(env: Env) -> None:
         async with open_clients() as clients:
             mails = await finished_mails(env, clients)
             originals = {n: obj(env, f"incoming/{m}") or b"" for n, m in mails.items()}
-            only_archive = Options(archive_grace_s=0, phases=("archive",))
+            only_archive = ReconcileOptions(archive_grace_s=0, phases=("archive",))
             reports = await asyncio.gather(
                 reconcile(env, clients, only_archive), reconcile(env, clients, only_archive)
             )
@@ -301,7 +303,7 @@ def test_archive_bucket_and_per_pass_limit(env: Env) -> None:
                    for i in range(3)]  # fmt: skip
             await run_worker_until(env.settings, clients, all_terminal(env, ids))
             queue = await Queue.resolve(clients.sqs, env.settings.queue, env.settings.dlq)
-            options = Options(limit=2, archive_grace_s=0, phases=("archive",))
+            options = ReconcileOptions(limit=2, archive_grace_s=0, phases=("archive",))
             first = await Reconciler(settings, clients, queue, options).run_pass()
             second = await Reconciler(settings, clients, queue, options).run_pass()
             assert (first.count("processed"), second.count("processed")) == (2, 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shlex
 import string
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
@@ -111,6 +112,20 @@ DEFAULT_ROUTES = (
 )
 
 
+def _split_list(value: object, convert: Callable[[str], object]) -> object:
+    """An environment list: JSON (`["a", "b"]`) or comma-separated (`a, b`), each converted."""
+    if isinstance(value, str):
+        value = value.strip()
+        if value.startswith("["):
+            return tuple(json.loads(value))
+        return tuple(convert(v.strip()) for v in value.split(",") if v.strip())
+    return value
+
+
+#: DynamoDB TTLs count retention in days.
+SECONDS_PER_DAY = 86_400
+
+
 class Settings(BaseSettings):
     """The whole configuration of one mailflow process."""
 
@@ -162,7 +177,6 @@ class Settings(BaseSettings):
     max_mail_bytes: Annotated[int, Field(ge=1)] = 40 * MIB
     shutdown_grace_s: Annotated[float, Field(ge=0)] = 90.0
     spool_dir: Path | None = None
-    spool_memory_bytes: Annotated[int, Field(ge=0)] = 256 * 1024
     quarantine_verdicts: Annotated[tuple[str, ...], NoDecode] = ("virus",)
     retention_days: Annotated[int, Field(ge=1)] = 90
 
@@ -194,22 +208,12 @@ class Settings(BaseSettings):
     )
     @classmethod
     def _split_words(cls, value: object) -> object:
-        if isinstance(value, str):
-            value = value.strip()
-            if value.startswith("["):
-                return tuple(json.loads(value))
-            return tuple(v.strip() for v in value.split(",") if v.strip())
-        return value
+        return _split_list(value, str)
 
     @field_validator("tempfail_codes", mode="before")
     @classmethod
     def _split_codes(cls, value: object) -> object:
-        if isinstance(value, str):
-            value = value.strip()
-            if value.startswith("["):
-                return tuple(json.loads(value))
-            return tuple(int(v) for v in value.split(",") if v.strip())
-        return value
+        return _split_list(value, int)
 
     @field_validator("routes", mode="before")
     @classmethod
@@ -306,8 +310,13 @@ class Settings(BaseSettings):
         """Messages held but not yet started; small, because each one holds a visibility."""
         return self.prefetch if self.prefetch is not None else self.concurrency
 
+    def expires_at(self, now_s: float) -> int:
+        """The DynamoDB TTL (epoch seconds) of a delivery finished at `now_s`."""
+        return int(now_s + self.retention_days * SECONDS_PER_DAY)
+
     @property
     def dlq(self) -> str:
+        """The DLQ's name (or URL): the queue's, plus `-dlq`."""
         # A queue URL + "-dlq" is the DLQ's URL too: SQS URLs end in the queue name.
         return f"{self.queue}-dlq"
 

@@ -88,7 +88,6 @@ def plan_delivery(
     *,
     sender: str,
     mail_id: str,
-    attempt: int = 1,
     base_env: dict[str, str] | None = None,
 ) -> RouteDecision:
     """First matching route wins; its template becomes argv with validated values."""
@@ -131,7 +130,6 @@ def plan_delivery(
                 "EXTENSION": extension,
                 "MAILFLOW_MAIL_ID": mail_id,
                 "MAILFLOW_DELIVERY_ID": delivery_id(mail_id, recipient),
-                "MAILFLOW_ATTEMPT": str(attempt),
                 "MAILFLOW_ROUTE": route.name,
             },
         )

@@ -59,7 +59,8 @@ if str(REPO / "src") not in sys.path:
 from chaos.procs import alive, children_of, kill_tree  # noqa: E402
 from chaos.proxy import FaultPlan, FaultProxy  # noqa: E402
 from mailflow.aws import open_clients  # noqa: E402
-from mailflow.aws.ledger import TERMINAL, deserialize  # noqa: E402
+from mailflow.aws.expressions import deserialize  # noqa: E402
+from mailflow.aws.ledger import TERMINAL  # noqa: E402
 from mailflow.config import Route, Settings  # noqa: E402
 from mailflow.dev.provision import provision  # noqa: E402
 from mailflow.dev.ses import new_message_id, received_notification, ses_headers  # noqa: E402

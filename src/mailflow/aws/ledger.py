@@ -22,13 +22,11 @@ import enum
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from decimal import Decimal
 from typing import Any
-
-from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 
 from mailflow import aws
 from mailflow.aws import ConditionFailedError
+from mailflow.aws.expressions import Update, attribute_value, deserialize, serialize
 from mailflow.errors import LeaseLostError
 
 ATTENTION_INDEX = "attention"
@@ -45,39 +43,6 @@ class Status(enum.StrEnum):
 
 
 TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.ARCHIVED})
-
-_ser = TypeSerializer()
-_de = TypeDeserializer()
-
-
-def _to_dynamo(value: Any) -> Any:
-    if isinstance(value, float):
-        return Decimal(str(round(value, 3)))
-    if isinstance(value, dict):
-        return {k: _to_dynamo(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_dynamo(v) for v in value]
-    return value
-
-
-def _from_dynamo(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return int(value) if value == value.to_integral_value() else float(value)
-    if isinstance(value, dict):
-        return {k: _from_dynamo(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_from_dynamo(v) for v in value]
-    return value
-
-
-def serialize(item: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _ser.serialize(_to_dynamo(v)) for k, v in item.items()}
-
-
-def deserialize(item: Mapping[str, Any] | None) -> dict[str, Any]:
-    if not item:
-        return {}
-    return {k: _from_dynamo(_de.deserialize(v)) for k, v in item.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,51 +74,6 @@ class Busy:
     until_s: float | None
 
 
-class _Update:
-    """Builds `SET a = :a, ...` expressions with placeholder names for every attribute,
-    because half of the natural names (status, key, from, date) are DynamoDB reserved words."""
-
-    def __init__(self) -> None:
-        self.names: dict[str, str] = {}
-        self.values: dict[str, Any] = {}
-        self.sets: list[str] = []
-        self.removes: list[str] = []
-
-    def name(self, attr: str) -> str:
-        ref = f"#{attr}"
-        self.names[ref] = attr
-        return ref
-
-    def value(self, label: str, value: Any) -> str:
-        ref = f":{label}"
-        self.values[ref] = _ser.serialize(_to_dynamo(value))
-        return ref
-
-    def set(self, attr: str, value: Any) -> None:
-        self.sets.append(f"{self.name(attr)} = {self.value(attr, value)}")
-
-    def set_if_absent(self, attr: str, value: Any) -> None:
-        n = self.name(attr)
-        self.sets.append(f"{n} = if_not_exists({n}, {self.value(attr, value)})")
-
-    def append_history(self, entry: Mapping[str, Any]) -> None:
-        """One attempt's entry at the end of `history` (created on first use)."""
-        history = self.name("history")
-        empty, new = self.value("empty", []), self.value("entry", [dict(entry)])
-        self.sets.append(f"{history} = list_append(if_not_exists({history}, {empty}), {new})")
-
-    def remove(self, attr: str) -> None:
-        self.removes.append(self.name(attr))
-
-    def expression(self) -> str:
-        parts = []
-        if self.sets:
-            parts.append("SET " + ", ".join(self.sets))
-        if self.removes:
-            parts.append("REMOVE " + ", ".join(self.removes))
-        return " ".join(parts)
-
-
 class Ledger:
     def __init__(
         self,
@@ -169,7 +89,7 @@ class Ledger:
         self,
         op: str,
         key: DeliveryKey,
-        upd: _Update,
+        upd: Update,
         condition: str,
         returns: str = "ALL_NEW",
         *,
@@ -190,6 +110,26 @@ class Ledger:
         )
         return deserialize(resp.get("Attributes"))
 
+    async def _update_or_none(
+        self, op: str, key: DeliveryKey, upd: Update, condition: str
+    ) -> dict[str, Any] | None:
+        """`_update`, or None when the condition did not hold (someone else got there first)."""
+        try:
+            return await self._update(op, key, upd, condition)
+        except ConditionFailedError:
+            return None
+
+    async def _pages(self, op: str, method: Any, limit: int, **kwargs: Any) -> list[dict[str, Any]]:
+        """Every item of a paginated Query or Scan, deserialized, at most `limit`."""
+        items: list[dict[str, Any]] = []
+        while len(items) < limit:
+            resp = await aws.call(op, method, **kwargs)
+            items.extend(deserialize(i) for i in resp.get("Items", []))
+            if "LastEvaluatedKey" not in resp:
+                break
+            kwargs["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
+        return items[:limit]
+
     # --- the worker's writes ----------------------------------------------------------------
 
     async def claim(
@@ -202,7 +142,7 @@ class Ledger:
         meta: Mapping[str, Any],
     ) -> Claimed | Busy:
         now = self._clock()
-        upd = _Update()
+        upd = Update()
         upd.set("status", Status.PROCESSING.value)
         upd.set("lease_owner", worker)
         upd.set("lease_token", token)
@@ -213,15 +153,14 @@ class Ledger:
         upd.set("attn_at", now + lease_s)
         attempts = upd.name("attempts")
         zero, one = upd.value("zero", 0), upd.value("one", 1)
-        upd.sets.append(f"{attempts} = if_not_exists({attempts}, {zero}) + {one}")
+        upd.set_raw(f"{attempts} = if_not_exists({attempts}, {zero}) + {one}")
         for attr, value in meta.items():
             upd.set_if_absent(attr, value)
         upd.remove("next_attempt_at")
         st, nxt, exp = upd.name("status"), upd.name("next_attempt_at"), upd.name("lease_expires_at")
-        upd.names[upd.name("mail_id")] = "mail_id"
         now_ref = upd.value("now", now)
         condition = (
-            f"attribute_not_exists(#mail_id)"
+            f"{upd.item_exists('mail_id', exists=False)}"
             f" OR {st} = {upd.value('received', Status.RECEIVED.value)}"
             f" OR ({st} = {upd.value('retrying', Status.RETRYING.value)} AND {nxt} <= {now_ref})"
             f" OR ({st} = {upd.value('processing', Status.PROCESSING.value)}"
@@ -248,7 +187,7 @@ class Ledger:
         True also when the delivery already carries our own outcome (nothing left to renew).
         `deadline_s` bounds the call (TransientError past it), so a heartbeat ends in time."""
         now = self._clock()
-        upd = _Update()
+        upd = Update()
         upd.set("lease_expires_at", now + lease_s)
         upd.set("attn_at", now + lease_s)
         condition = (
@@ -276,19 +215,16 @@ class Ledger:
     ) -> dict[str, Any]:
         """Record an attempt's outcome, fenced by the lease token. Raises LeaseLostError.
 
-        Returns {}: reading the whole item back (history, tails) cost the worker about a
-        millisecond of CPU per delivery to parse, and nobody needs it."""
+        Returns nothing of the item on success: reading it back (history, tails) cost the
+        worker about a millisecond of CPU per delivery to parse, and nobody needs it. When a
+        retried write finds its own first try landed, the item as it was is returned."""
         now = self._clock()
-        upd = _Update()
+        upd = Update()
         upd.set("status", status.value)
         upd.set("updated_at", now)
         upd.set("attn", status.value)
         upd.set("attn_at", fields.get("next_attempt_at") or now)
-        for attr, value in fields.items():
-            if value is None:
-                upd.remove(attr)
-            else:
-                upd.set(attr, value)
+        upd.assign(fields)
         upd.remove("lease_expires_at")
         upd.remove("lease_owner")
         # Which attempt wrote this outcome: only that attempt may mistake a failed condition
@@ -323,21 +259,16 @@ class Ledger:
         Only a delivery nobody has touched yet can be written this way; False = it existed.
         """
         now = self._clock()
-        upd = _Update()
+        upd = Update()
         values = {"created_at": now, "finished_at": now, "attempts": 0, **fields}
         values |= {"status": status.value, "updated_at": now, "attn": status.value, "attn_at": now}
         for attr, value in values.items():
             upd.set(attr, value)
-        upd.names["#mail_id"] = "mail_id"
         condition = (
-            f"attribute_not_exists(#mail_id) OR {upd.name('status')}"
-            f" = {upd.value('received', Status.RECEIVED.value)}"
+            f"{upd.item_exists('mail_id', exists=False)}"
+            f" OR {upd.name('status')} = {upd.value('received', Status.RECEIVED.value)}"
         )
-        try:
-            await self._update("ddb.record", key, upd, condition)
-        except ConditionFailedError:
-            return False
-        return True
+        return await self._update_or_none("ddb.record", key, upd, condition) is not None
 
     # --- the operator's and the reconciler's writes -----------------------------------------
 
@@ -352,7 +283,7 @@ class Ledger:
     ) -> dict[str, Any] | None:
         """Move a delivery from one of `expect` to `status`; None if it was not in `expect`."""
         now = self._clock()
-        upd = _Update()
+        upd = Update()
         upd.set("status", status.value)
         upd.set("updated_at", now)
         if attention:
@@ -361,36 +292,23 @@ class Ledger:
         else:
             upd.remove("attn")
             upd.remove("attn_at")
-        for attr, value in fields.items():
-            if value is None:
-                upd.remove(attr)
-            else:
-                upd.set(attr, value)
-        st = upd.name("status")
-        condition = " OR ".join(
-            f"{st} = {upd.value(f'expect{i}', s.value)}" for i, s in enumerate(expect)
-        )
-        try:
-            return await self._update("ddb.transition", key, upd, f"({condition})")
-        except ConditionFailedError:
-            return None
+        upd.assign(fields)
+        condition = upd.one_of("status", [s.value for s in expect])
+        return await self._update_or_none("ddb.transition", key, upd, condition)
 
     # --- reads ------------------------------------------------------------------------------
 
     async def get_mail(self, mail_id: str) -> list[dict[str, Any]]:
-        items: list[dict[str, Any]] = []
-        kwargs: dict[str, Any] = {
-            "TableName": self.table,
-            "KeyConditionExpression": "mail_id = :m",
-            "ExpressionAttributeValues": {":m": {"S": mail_id}},
-            "ConsistentRead": True,
-        }
-        while True:
-            resp = await aws.call("ddb.Query", self._ddb.query, **kwargs)
-            items.extend(deserialize(i) for i in resp.get("Items", []))
-            if "LastEvaluatedKey" not in resp:
-                return items
-            kwargs["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
+        """Every delivery of one mail (strongly consistent)."""
+        return await self._pages(
+            "ddb.Query",
+            self._ddb.query,
+            limit=1_000_000,
+            TableName=self.table,
+            KeyConditionExpression="mail_id = :m",
+            ExpressionAttributeValues={":m": {"S": mail_id}},
+            ConsistentRead=True,
+        )
 
     async def get(self, key: DeliveryKey) -> dict[str, Any]:
         resp = await aws.call(
@@ -416,35 +334,22 @@ class Ledger:
         if before_s is not None:
             names["#at"] = "attn_at"
             cond += " AND #at <= :t"
-            values[":t"] = _ser.serialize(_to_dynamo(before_s))
-        items: list[dict[str, Any]] = []
-        kwargs: dict[str, Any] = {
-            "TableName": self.table,
-            "IndexName": ATTENTION_INDEX,
-            "KeyConditionExpression": cond,
-            "ExpressionAttributeNames": names,
-            "ExpressionAttributeValues": values,
-        }
-        while len(items) < limit:
-            kwargs["Limit"] = min(1000, limit - len(items))
-            resp = await aws.call("ddb.Query", self._ddb.query, **kwargs)
-            items.extend(deserialize(i) for i in resp.get("Items", []))
-            if "LastEvaluatedKey" not in resp:
-                break
-            kwargs["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
-        return items[:limit]
+            values[":t"] = attribute_value(before_s)
+        return await self._pages(
+            "ddb.Query",
+            self._ddb.query,
+            limit=limit,
+            TableName=self.table,
+            IndexName=ATTENTION_INDEX,
+            KeyConditionExpression=cond,
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues=values,
+            Limit=min(1000, limit),
+        )
 
     async def scan(self, limit: int = 1000) -> list[dict[str, Any]]:
         """Every item, for archived listings and small tables only."""
-        items: list[dict[str, Any]] = []
-        kwargs: dict[str, Any] = {"TableName": self.table}
-        while len(items) < limit:
-            resp = await aws.call("ddb.Scan", self._ddb.scan, **kwargs)
-            items.extend(deserialize(i) for i in resp.get("Items", []))
-            if "LastEvaluatedKey" not in resp:
-                break
-            kwargs["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
-        return items[:limit]
+        return await self._pages("ddb.Scan", self._ddb.scan, limit=limit, TableName=self.table)
 
     # --- the reconciler's and the operator's guarded writes (reconcile.py, ops.py) ----------
 
@@ -453,23 +358,18 @@ class Ledger:
         one existing delivery of the mail (callers pick the lowest recipient) and expires, so
         a crashed holder blocks nobody for long. Re-entrant for the same owner."""
         now = self._clock()
-        upd = _Update()
+        upd = Update()
         upd.set("mail_lock", owner)
         upd.set("mail_lock_until", now + hold_s)
-        upd.names["#mail_id"] = "mail_id"
         lock, until = upd.name("mail_lock"), upd.name("mail_lock_until")
         condition = (
-            f"attribute_exists(#mail_id) AND (attribute_not_exists({until})"
+            f"{upd.item_exists('mail_id')} AND (attribute_not_exists({until})"
             f" OR {until} < {upd.value('now', now)} OR {lock} = {upd.value('owner', owner)})"
         )
-        try:
-            await self._update("ddb.lock_mail", key, upd, condition)
-        except ConditionFailedError:
-            return False
-        return True
+        return await self._update_or_none("ddb.lock_mail", key, upd, condition) is not None
 
     async def unlock_mail(self, key: DeliveryKey, owner: str) -> None:
-        upd = _Update()
+        upd = Update()
         upd.remove("mail_lock")
         upd.remove("mail_lock_until")
         condition = f"{upd.name('mail_lock')} = {upd.value('owner', owner)}"
@@ -502,7 +402,7 @@ class Ledger:
             return False
         return True
 
-    def _stale_guard(self, upd: _Update, expect: Status, seen_requeues: int, now: float) -> str:
+    def _stale_guard(self, upd: Update, expect: Status, seen_requeues: int, now: float) -> str:
         """Still as the reconciler saw it: same status, no requeue since, lease/retry due."""
         count = upd.name("requeue_count")
         cond = f"{upd.name('status')} = {upd.value('expect', expect.value)} AND " + (
@@ -527,19 +427,13 @@ class Ledger:
         """Record a re-enqueue; None if another reconciler (or a worker) got there first.
         `attn_at` moves to `recheck_at`, so the index does not offer the item again before."""
         now = self._clock()
-        upd = _Update()
+        upd = Update()
         upd.set("requeued_at", now)
         upd.set("requeue_count", seen_requeues + 1)
         upd.set("attn_at", recheck_at)
-        try:
-            return await self._update(
-                "ddb.mark_requeued",
-                key,
-                upd,
-                self._stale_guard(upd, expect, seen_requeues, now),
-            )
-        except ConditionFailedError:
-            return None
+        return await self._update_or_none(
+            "ddb.mark_requeued", key, upd, self._stale_guard(upd, expect, seen_requeues, now)
+        )
 
     async def fail_stale(
         self,
@@ -552,7 +446,7 @@ class Ledger:
     ) -> dict[str, Any] | None:
         """Unclaimed or abandoned work that cannot run (its object is gone): `failed`."""
         now = self._clock()
-        upd = _Update()
+        upd = Update()
         values = {
             **fields,
             "status": Status.FAILED.value,
@@ -567,15 +461,9 @@ class Ledger:
         for attr in ("lease_owner", "lease_expires_at", "next_attempt_at"):
             upd.remove(attr)
         upd.append_history(entry)
-        try:
-            return await self._update(
-                "ddb.fail_stale",
-                key,
-                upd,
-                self._stale_guard(upd, expect, seen_requeues, now),
-            )
-        except ConditionFailedError:
-            return None
+        return await self._update_or_none(
+            "ddb.fail_stale", key, upd, self._stale_guard(upd, expect, seen_requeues, now)
+        )
 
     async def reopen(
         self,
@@ -588,7 +476,7 @@ class Ledger:
         """Operator retry: a finished delivery back to `retrying`, due now, `attempts` from
         zero so max_attempts applies afresh; the history is kept and gains `entry`."""
         now = self._clock()
-        upd = _Update()
+        upd = Update()
         values = {
             "status": Status.RETRYING.value,
             "attempts": 0,
@@ -597,20 +485,10 @@ class Ledger:
             "attn": Status.RETRYING.value,
             "attn_at": now,
         }
-        for attr, value in {**fields, **values}.items():
-            if value is None:
-                upd.remove(attr)
-            else:
-                upd.set(attr, value)
+        upd.assign({**fields, **values})
         upd.append_history(entry)
-        st = upd.name("status")
-        condition = " OR ".join(
-            f"{st} = {upd.value(f'expect{i}', s.value)}" for i, s in enumerate(expect)
-        )
-        try:
-            return await self._update("ddb.reopen", key, upd, f"({condition})")
-        except ConditionFailedError:
-            return None
+        condition = upd.one_of("status", [s.value for s in expect])
+        return await self._update_or_none("ddb.reopen", key, upd, condition)
 
     async def attention_stats(
         self,
@@ -619,27 +497,28 @@ class Ledger:
     ) -> tuple[int, dict[str, Any] | None]:
         """(count, the delivery received longest ago) of one non-archived status, read from
         the sparse index with a small projection."""
-        kwargs: dict[str, Any] = {
-            "TableName": self.table,
-            "IndexName": ATTENTION_INDEX,
-            "KeyConditionExpression": "#attn = :s",
-            "ProjectionExpression": "mail_id, recipient, received_at, created_at",
-            "ExpressionAttributeNames": {"#attn": "attn"},
-            "ExpressionAttributeValues": {":s": {"S": status.value}},
-        }
-        count, oldest, oldest_at = 0, None, float("inf")
-        while count < limit:
-            resp = await aws.call("ddb.Query", self._ddb.query, **kwargs)
-            for raw in resp.get("Items", []):
-                item = deserialize(raw)
-                count += 1
-                at = float(item.get("received_at") or item.get("created_at") or oldest_at)
-                if at < oldest_at:
-                    oldest, oldest_at = item, at
-            if "LastEvaluatedKey" not in resp:
-                break
-            kwargs["ExclusiveStartKey"] = resp["LastEvaluatedKey"]
+        items = await self._pages(
+            "ddb.Query",
+            self._ddb.query,
+            limit=limit,
+            TableName=self.table,
+            IndexName=ATTENTION_INDEX,
+            KeyConditionExpression="#attn = :s",
+            ProjectionExpression="mail_id, recipient, received_at, created_at",
+            ExpressionAttributeNames={"#attn": "attn"},
+            ExpressionAttributeValues={":s": {"S": status.value}},
+        )
+        count, oldest, oldest_at = len(items), None, float("inf")
+        for item in items:
+            at = float(item.get("received_at") or item.get("created_at") or oldest_at)
+            if at < oldest_at:
+                oldest, oldest_at = item, at
         return count, oldest
+
+    async def item_count_estimate(self) -> int:
+        """The table's item count as DynamoDB last published it (refreshed about every 6 h)."""
+        table = await aws.call("ddb.DescribeTable", self._ddb.describe_table, TableName=self.table)
+        return int(table["Table"].get("ItemCount", 0))
 
 
 def _busy(old: dict[str, Any], now: float) -> Busy:

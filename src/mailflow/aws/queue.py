@@ -216,14 +216,7 @@ class Queue:
         return await self._visibility.submit((msg, seconds))
 
     async def _visibility_batch(self, items: list[tuple[Message, float]]) -> list[bool]:
-        entries = [
-            {
-                "Id": str(i),
-                "ReceiptHandle": m.receipt_handle,
-                "VisibilityTimeout": clamp_visibility(seconds),
-            }
-            for i, (m, seconds) in enumerate(items)
-        ]
+        entries = _visibility_entries(items)
         try:
             resp = await aws.call(
                 "sqs.ChangeMessageVisibilityBatch",
@@ -357,6 +350,104 @@ class Queue:
             out[f"{name}_visible"] = int(attrs.get("ApproximateNumberOfMessages", 0))
             out[f"{name}_in_flight"] = int(attrs.get("ApproximateNumberOfMessagesNotVisible", 0))
         return out
+
+    async def arn(self, url: str) -> str:
+        """The ARN of one of this queue's URLs (the main queue or its DLQ)."""
+        resp = await aws.call(
+            "sqs.GetQueueAttributes",
+            self._sqs.get_queue_attributes,
+            QueueUrl=url,
+            AttributeNames=["QueueArn"],
+        )
+        return str(resp["Attributes"]["QueueArn"])
+
+    async def start_redrive(self) -> tuple[str, str] | None:
+        """Start SQS's own DLQ → queue move task: (DLQ ARN, task handle), or None where the
+        backend does not offer it (a capability probe: one try, no retry layer)."""
+        if self.dlq_url is None:
+            return None
+        source_arn = await self.arn(self.dlq_url)
+        dest_arn = await self.arn(self.url)
+        try:
+            started = await self._sqs.start_message_move_task(
+                SourceArn=source_arn, DestinationArn=dest_arn
+            )
+        except Exception as exc:  # any failure means "fall back to receive/send/delete"
+            log.info(
+                "move_task_unavailable",
+                error=str(aws.map_error("sqs.StartMessageMoveTask", exc))[:200],
+            )
+            return None
+        return source_arn, str(started.get("TaskHandle", ""))
+
+    async def redrive_progress(self, source_arn: str) -> dict[str, Any]:
+        """The newest move task of `source_arn`: its status and how many messages it moved."""
+        resp = await aws.call(
+            "sqs.ListMessageMoveTasks",
+            self._sqs.list_message_move_tasks,
+            SourceArn=source_arn,
+            MaxResults=1,
+        )
+        task: dict[str, Any] = (resp.get("Results") or [{}])[0]
+        return task
+
+    async def receive_dead(self, max_messages: int, visibility_s: int) -> list[dict[str, Any]]:
+        """Raw messages from the DLQ, with their attributes (a short poll of every server)."""
+        if self.dlq_url is None:
+            return []
+        got = await aws.call(
+            "sqs.ReceiveMessage",
+            self._sqs.receive_message,
+            QueueUrl=self.dlq_url,
+            MaxNumberOfMessages=min(BATCH, max_messages),
+            WaitTimeSeconds=1,
+            VisibilityTimeout=visibility_s,
+            MessageAttributeNames=["All"],
+        )
+        messages: list[dict[str, Any]] = got.get("Messages", [])
+        return messages
+
+    async def requeue_dead(self, messages: Sequence[dict[str, Any]]) -> int:
+        """Send DLQ messages back to the queue, then delete them from the DLQ: never lost (a
+        crash between the two leaves a duplicate, which the claim absorbs). Drops mailflow's
+        own `mailflow_*` attributes, keeps the sender's. Returns how many were moved."""
+        entries = []
+        for i, m in enumerate(messages):
+            kept = {
+                k: {f: v[f] for f in ("DataType", "StringValue", "BinaryValue") if f in v}
+                for k, v in (m.get("MessageAttributes") or {}).items()
+                if not k.startswith("mailflow_")
+            }
+            entry: dict[str, Any] = {"Id": str(i), "MessageBody": m["Body"]}
+            if kept:
+                entry["MessageAttributes"] = kept
+            entries.append(entry)
+        sent = await aws.call(
+            "sqs.SendMessageBatch", self._sqs.send_message_batch, QueueUrl=self.url, Entries=entries
+        )
+        ok = [messages[int(s["Id"])] for s in sent.get("Successful", [])]
+        if ok:
+            await aws.call(
+                "sqs.DeleteMessageBatch",
+                self._sqs.delete_message_batch,
+                QueueUrl=self.dlq_url,
+                Entries=[
+                    {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(ok)
+                ],
+            )
+        return len(ok)
+
+
+def _visibility_entries(items: Sequence[tuple[Message, float]]) -> list[dict[str, Any]]:
+    """ChangeMessageVisibilityBatch entries, their Ids the items' positions."""
+    return [
+        {
+            "Id": str(i),
+            "ReceiptHandle": m.receipt_handle,
+            "VisibilityTimeout": clamp_visibility(seconds),
+        }
+        for i, (m, seconds) in enumerate(items)
+    ]
 
 
 def _attr(text: str) -> dict[str, str]:

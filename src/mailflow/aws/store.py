@@ -51,7 +51,6 @@ class SpooledMail:
     path: Path
     size_bytes: int  # of the mail as the processor reads it (the plaintext, if encrypted)
     head: bytes  # the first HEAD_BUDGET_BYTES, for the header summary
-    sha256: str
     encrypted: bool = False  # stored with a KMS envelope, decrypted into the spool
 
 
@@ -135,7 +134,6 @@ async def _download(
     except BaseException:
         body.close()
         raise
-    digest = hashlib.sha256()
     head = bytearray()
     written = 0
 
@@ -145,7 +143,6 @@ async def _download(
         _check_size(written, max_bytes)  # ContentLength lied, or the object grew
         if len(head) < HEAD_BUDGET_BYTES:
             head += plain[: HEAD_BUDGET_BYTES - len(head)]
-        digest.update(plain)
         out.write(plain)
 
     try:
@@ -165,7 +162,6 @@ async def _download(
         path=path,
         size_bytes=written,
         head=bytes(head),
-        sha256=digest.hexdigest(),
         encrypted=stream is not None,
     )
 
@@ -235,6 +231,49 @@ async def head(s3: Any, where: Location) -> ObjectInfo | None:
         content_type=resp.get("ContentType"),
         metadata=dict(resp.get("Metadata") or {}),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """One object of a listing: its key, size and last-modified time (epoch seconds)."""
+
+    key: str
+    size_bytes: int
+    modified_at: float
+
+
+async def list_objects(
+    s3: Any, bucket: str, prefix: str, *, max_pages: int, start_after: str | None = None
+) -> AsyncIterator[Listed]:
+    """Objects under `prefix`, in key order, at most `max_pages` pages of 1,000."""
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": 1000}
+    if start_after:
+        kwargs["StartAfter"] = start_after
+    for _ in range(max_pages):
+        resp = await aws.call("s3.ListObjectsV2", s3.list_objects_v2, **kwargs)
+        for obj in resp.get("Contents", []):
+            yield Listed(str(obj["Key"]), int(obj.get("Size", 0)), obj["LastModified"].timestamp())
+        if not resp.get("IsTruncated"):
+            return
+        kwargs["ContinuationToken"] = resp["NextContinuationToken"]
+
+
+async def read_prefix(s3: Any, where: Location, size_bytes: int) -> bytes:
+    """The first `size_bytes` of an object (a ranged GET): enough for its header block."""
+    resp = await aws.call(
+        "s3.GetObject",
+        s3.get_object,
+        Bucket=where.bucket,
+        Key=where.key,
+        Range=f"bytes=0-{size_bytes - 1}",
+    )
+    body = resp["Body"]
+    try:
+        return bytes(await body.read())
+    except Exception as exc:  # a broken stream mid-body is a transient fault, like a 5xx
+        raise aws.map_error("s3.GetObject.read", exc) from exc
+    finally:
+        body.close()
 
 
 async def sha256_b64(s3: Any, where: Location) -> str:

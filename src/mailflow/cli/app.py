@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import structlog
 from pydantic import ValidationError
 
-from mailflow import logs
+from mailflow import __version__, logs
 from mailflow.cli import aliases as cli_aliases
 from mailflow.cli import ops as cli_ops
+from mailflow.cli.runtime import run_async
 from mailflow.config import Settings, describe_validation_error
 from mailflow.errors import MailflowError
-from mailflow.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK
+from mailflow.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 
 log = structlog.get_logger("mailflow.cli.app")
 
@@ -27,13 +27,6 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 
 def load_settings(**overrides: Any) -> Settings:
     return Settings(**overrides)
-
-
-def run_async(coro_fn: Callable[[], Coroutine[Any, Any, int]]) -> int:
-    try:
-        return asyncio.run(coro_fn())
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
 
 
 # --- commands ---------------------------------------------------------------------------------
@@ -51,11 +44,7 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
         async with open_clients(
             settings.concurrency * 2 + 8, mail_region=settings.mail_region
         ) as clients:
-            worker = Worker(settings, clients)
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, worker.request_stop)
-            return await worker.run()
+            return await Worker(settings, clients).run()
 
     return run_async(main)
 
@@ -140,14 +129,13 @@ def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_smtp(args: argparse.Namespace, settings: Settings) -> int:
     from mailflow.aws import open_clients  # noqa: PLC0415
     from mailflow.dev.smtp import serve  # noqa: PLC0415
+    from mailflow.signals import stop_signals  # noqa: PLC0415
 
     async def main() -> int:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        async with open_clients(mail_region=settings.mail_region) as clients:
-            await serve(settings, clients, args.host, args.port, args.domain, stop)
+        with stop_signals(stop.set):
+            async with open_clients(mail_region=settings.mail_region) as clients:
+                await serve(settings, clients, args.host, args.port, args.domain, stop)
         return EXIT_OK
 
     return run_async(main)
@@ -165,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
             " AWS endpoints and region from the standard AWS_* variables."
         ),
     )
+    parser.add_argument("--version", action="version", version=f"mailflow {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("worker", help="run the worker until SIGTERM/SIGINT (drains gracefully)")

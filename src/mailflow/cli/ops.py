@@ -2,7 +2,7 @@
 
 `status`, `retry`, `redrive`, `parse`, `reconcile`: rich tables for people by default, one JSON
 document on stdout with `--json` (logs go to stderr either way), exit codes from exitcodes.py.
-The work itself lives in ops.py and reconcile.py; this module parses and renders.
+The work itself lives in mailflow.ops; this module parses, and renders with cli.render.
 """
 
 from __future__ import annotations
@@ -10,73 +10,44 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.table import Table
 
-from mailflow.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK
+from mailflow.cli.render import STATUS_JA, print_json, print_rows, say
+from mailflow.cli.runtime import run_async
+from mailflow.exitcodes import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK
 
 if TYPE_CHECKING:
     from mailflow.config import Settings
     from mailflow.ops.reconcile import PassReport, Tracker
-
-STATES_JA = {"received": "未処理", "processing": "未処理", "retrying": "リトライ",
-             "succeeded": "成功", "failed": "失敗", "archived": "保管"}  # fmt: skip
-
-
-def _run(main: Callable[[], Coroutine[Any, Any, int]]) -> int:
-    try:
-        return asyncio.run(main())
-    except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
-
-
-def _emit_json(doc: Any) -> None:
-    sys.stdout.write(json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
-    sys.stdout.flush()
-
-
-def _table(title: str, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
-    table = Table(title=title)
-    for column in columns:
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
-    Console(soft_wrap=False).print(table)
-
-
-def _say(text: str) -> None:
-    Console(soft_wrap=True, highlight=False).print(text, markup=False)
-
 
 # --- status -----------------------------------------------------------------------------------
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     from mailflow.aws import open_clients  # noqa: PLC0415 - keep `--help` fast
-    from mailflow.ops.tools import status_report  # noqa: PLC0415
+    from mailflow.ops.status import status_report  # noqa: PLC0415
 
     async def main() -> int:
         async with open_clients(mail_region=settings.mail_region) as clients:
             report = await status_report(clients, settings, exact=args.exact)
         if args.json:
-            _emit_json(report)
+            print_json(report)
             return EXIT_OK
         counts = report["counts"]
         estimate = " (estimate)" if report["archived_count"] == "estimate" else ""
         rows = [
-            (s, STATES_JA[s], counts[s] if s != "archived" else f"{counts[s]}{estimate}")
-            for s in STATES_JA
+            (s, STATUS_JA[s], counts[s] if s != "archived" else f"{counts[s]}{estimate}")
+            for s in STATUS_JA
         ]
-        _table("deliveries by state", ("state", "状態", "deliveries"), rows)
+        print_rows("deliveries by state", ("state", "状態", "deliveries"), rows)
         oldest = report["oldest_unfinished"]
-        _say(
+        say(
             "oldest unfinished: "
             + (
                 f"{oldest['mail_id']} {oldest['recipient']} {oldest['status']},"
@@ -86,13 +57,13 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             )
         )
         q = report["queue"]
-        _say(
+        say(
             f"queue: {q.get('queue_visible', 0)} visible, {q.get('queue_in_flight', 0)} in"
             f" flight; DLQ: {q.get('dlq_visible', '-')} visible"
         )
         return EXIT_OK
 
-    return _run(main)
+    return run_async(main)
 
 
 # --- retry ------------------------------------------------------------------------------------
@@ -103,7 +74,7 @@ def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
     from mailflow.aws.ledger import Ledger  # noqa: PLC0415
     from mailflow.aws.queue import Queue  # noqa: PLC0415
     from mailflow.cli.browse import parse_since  # noqa: PLC0415
-    from mailflow.ops.tools import Retrier, failed_mail_ids  # noqa: PLC0415
+    from mailflow.ops.retry import Retrier, failed_mail_ids  # noqa: PLC0415
 
     if bool(args.mail_ids) == bool(args.status):
         sys.stderr.write("mailflow retry: name MAIL_IDs, or use --status failed (not both)\n")
@@ -123,9 +94,9 @@ def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
             retrier = Retrier(settings, clients, queue, force=args.force, dry_run=args.dry_run)
             results = [await retrier.retry(m) for m in mail_ids]
         if args.json:
-            _emit_json([r.as_json() for r in results])
+            print_json([r.as_json() for r in results])
         else:
-            _table(
+            print_rows(
                 f"retry: {sum(r.ok for r in results)} of {len(results)} mails",
                 ("mail_id", "result", "recipients", "restored from", "skipped"),
                 [
@@ -143,7 +114,7 @@ def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
         bad = [r for r in results if not r.ok and (explicit or r.result != "nothing_to_retry")]
         return EXIT_FAILURE if bad else EXIT_OK
 
-    return _run(main)
+    return run_async(main)
 
 
 # --- redrive ----------------------------------------------------------------------------------
@@ -151,7 +122,7 @@ def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_redrive(args: argparse.Namespace, settings: Settings) -> int:
     from mailflow.aws import open_clients  # noqa: PLC0415
-    from mailflow.ops.tools import redrive  # noqa: PLC0415
+    from mailflow.ops.redrive import redrive  # noqa: PLC0415
 
     async def main() -> int:
         async with open_clients(mail_region=settings.mail_region) as clients:
@@ -159,24 +130,24 @@ def cmd_redrive(args: argparse.Namespace, settings: Settings) -> int:
                 clients, settings, dry_run=args.dry_run, limit=args.limit, wait_s=args.wait
             )
         if args.json:
-            _emit_json(out)
+            print_json(out)
         elif args.dry_run:
-            _say(f"redrive (dry run): {out['dlq_before']} messages in the DLQ would move")
+            say(f"redrive (dry run): {out['dlq_before']} messages in the DLQ would move")
         else:
-            _say(
+            say(
                 f"redrive: moved {out['moved']} messages from the DLQ to the queue"
                 f" ({out['method']}); DLQ now {out['dlq_after']}"
             )
         return EXIT_FAILURE if out.get("failed") else EXIT_OK
 
-    return _run(main)
+    return run_async(main)
 
 
 # --- parse ------------------------------------------------------------------------------------
 
 
 def cmd_parse(args: argparse.Namespace, settings: Settings) -> int:
-    from mailflow.ops.tools import parse_file  # noqa: PLC0415
+    from mailflow.ops.parse import parse_file  # noqa: PLC0415
 
     path: Path = args.file
     if not path.is_file():
@@ -184,15 +155,15 @@ def cmd_parse(args: argparse.Namespace, settings: Settings) -> int:
         return EXIT_CONFIG
     doc = parse_file(path, args.to or [], settings)
     if args.json:
-        _emit_json(doc)
+        print_json(doc)
     else:
         summary = doc["summary"]
         for name in ("from", "to", "subject", "date", "message_id_header", "content_type"):
-            _say(f"{name}: {summary.get(name, '')}")
-        _say(f"sender: {doc['sender']}  size: {doc['size_bytes']} bytes  sha256: {doc['sha256']}")
+            say(f"{name}: {summary.get(name, '')}")
+        say(f"sender: {doc['sender']}  size: {doc['size_bytes']} bytes  sha256: {doc['sha256']}")
         for defect in summary.get("parse_defects", []):
-            _say(f"defect: {defect}")
-        _table(
+            say(f"defect: {defect}")
+        print_rows(
             f"recipients (from {doc['recipients_from']})",
             ("recipient", "decision", "route", "argv / detail"),
             [
@@ -246,24 +217,25 @@ def _show_report(report: PassReport, args: argparse.Namespace) -> None:
             sys.stdout.write(json.dumps(report.as_json(), ensure_ascii=False) + "\n")
             sys.stdout.flush()
         else:
-            _emit_json(report.as_json())
+            print_json(report.as_json())
         return
     shown = [a for a in report.actions if a.result != "skipped" or args.verbose]
     if shown:  # the essentials; `--json` has every field
         rows = [(f"{a.phase}: {a.what}", a.result, a.mail_id,
                  a.dest if a.phase == "archive" and a.dest else f"{a.recipient or ''} {a.detail}")
                 for a in shown]  # fmt: skip
-        _table("", ("action", "result", "mail_id", "where / detail"), rows)
-    _say(report.summary_line())
+        print_rows("", ("action", "result", "mail_id", "where / detail"), rows)
+    say(report.summary_line())
 
 
 def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
     from mailflow.aws import open_clients  # noqa: PLC0415
     from mailflow.aws.queue import Queue  # noqa: PLC0415
     from mailflow.errors import MailflowError  # noqa: PLC0415
-    from mailflow.ops.reconcile import PHASES, NullTracker, Options, Reconciler  # noqa: PLC0415
+    from mailflow.ops.reconcile import PHASES, NullTracker, ReconcileOptions, Reconciler  # noqa: PLC0415
+    from mailflow.signals import stop_signals  # noqa: PLC0415
 
-    options = Options(
+    options = ReconcileOptions(
         limit=args.limit, dry_run=args.dry_run, grace_s=args.grace,
         requeue_every_s=args.requeue_every, archive_grace_s=args.archive_grace,
         orphan_age_s=args.orphan_age, phases=tuple(args.only or PHASES),
@@ -271,9 +243,10 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
 
     async def main() -> int:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        with stop_signals(stop.set):
+            return await _reconcile_loop(stop)
+
+    async def _reconcile_loop(stop: asyncio.Event) -> int:
         code = EXIT_OK
         async with open_clients(mail_region=settings.mail_region) as clients:
             queue = await Queue.resolve(clients.sqs, settings.queue, settings.dlq)
@@ -296,7 +269,7 @@ def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
                 with suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), timeout=args.loop)
 
-    return _run(main)
+    return run_async(main)
 
 
 # --- parser -----------------------------------------------------------------------------------

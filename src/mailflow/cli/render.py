@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from mailflow.timestamps import iso
 
 #: Always present in `--json` output, in this order (null when unknown).
 DELIVERY_FIELDS = (
@@ -60,27 +61,15 @@ DELIVERY_FIELDS = (
 TIME_FIELDS = frozenset(f for f in DELIVERY_FIELDS if f.endswith("_at"))
 
 #: The operators' words (DESIGN §3).
+#: Each state as the shop's staff call it, in the order `status` lists them.
 STATUS_JA = {
     "received": "未処理",
     "processing": "未処理",
+    "retrying": "リトライ",
     "succeeded": "成功",
     "failed": "失敗",
-    "retrying": "リトライ",
     "archived": "保管",
 }
-
-
-def iso(ts: Any) -> str | None:
-    if not isinstance(ts, (int, float)):
-        return None
-    return (
-        datetime.fromtimestamp(ts, UTC)
-        .isoformat(timespec="milliseconds")
-        .replace(
-            "+00:00",
-            "Z",
-        )
-    )
 
 
 def delivery_json(record: Mapping[str, Any]) -> dict[str, Any]:
@@ -100,7 +89,24 @@ def delivery_json(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def print_json(doc: Any) -> None:
+    """`doc` as indented JSON on stdout (what every `--json` prints)."""
     sys.stdout.write(json.dumps(doc, ensure_ascii=False, indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def print_rows(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    """A titled table of plain values (None shows as empty)."""
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    print_table(table)
+
+
+def say(text: str) -> None:
+    """One line for a person, printed as is (no rich markup)."""
+    Console(soft_wrap=True, highlight=False).print(text, markup=False)
 
 
 def deliveries_table(records: Iterable[Mapping[str, Any]], title: str = "") -> Table:

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import signal
 import sys
 from pathlib import Path
 
@@ -101,9 +100,6 @@ async def _dev(settings: Settings, *, exit_when_done: bool) -> int:
     async with open_clients(mail_region=settings.mail_region) as clients:
         await provision(clients, settings)
         worker = Worker(settings, clients)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, worker.request_stop)
         running = asyncio.create_task(worker.run())
         arn = await topic_arn(clients, settings)
         sent: list[str] = []

@@ -26,6 +26,7 @@ from mailflow.aws import AwsClients
 from mailflow.aws.envelope import describe_key_arn, key_region, seal, ses_context
 from mailflow.config import Settings
 from mailflow.errors import MailflowError
+from mailflow.mail.notification import SES_VERDICTS
 from mailflow.mail.summary import split_head, summarize
 
 _ID_ALPHABET = string.ascii_lowercase + string.digits
@@ -84,10 +85,7 @@ def received_notification(
 ) -> dict[str, Any]:
     """An SES `Received` notification with an S3 action, as SES publishes it."""
     stamp = now.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    verdicts = {
-        name: {"status": verdict}
-        for name in ("spamVerdict", "virusVerdict", "spfVerdict", "dkimVerdict", "dmarcVerdict")
-    }
+    verdicts = {name: {"status": verdict} for name in SES_VERDICTS}
     return {
         "notificationType": "Received",
         "mail": {

@@ -310,7 +310,7 @@ def _register_handlers() -> dict[tuple[str, str], str]:
     names = {}
     for kind, fill in (("jis", _jis_fill), ("euc", _euc_fill)):
         for errors in ("strict", "replace"):
-            name = f"mailflow.mail.summary.{kind}-{errors}"
+            name = f"mailflow.charsets.{kind}-{errors}"
             codecs.register_error(name, _error_handler(fill, replace=errors == "replace"))
             names[kind, errors] = name
     return names

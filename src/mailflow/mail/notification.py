@@ -23,6 +23,9 @@ MAX_BODY_CHARS = 256 * 1024
 #: A recipient is a DynamoDB sort key (at most 1024 bytes); SMTP paths end at 256 octets.
 MAX_RECIPIENT_BYTES = 512
 
+#: The verdicts SES puts in a `Received` notification's receipt, by their field names.
+SES_VERDICTS = ("spamVerdict", "virusVerdict", "spfVerdict", "dkimVerdict", "dmarcVerdict")
+
 
 @dataclass(frozen=True, slots=True)
 class MailRef:
@@ -102,7 +105,7 @@ def parse_ses_notification(doc: dict[str, Any]) -> MailRef:
     ):
         raise BadNotificationError("missing_field", "receipt.recipients is not a list of strings")
     verdicts = {}
-    for name in ("spamVerdict", "virusVerdict", "spfVerdict", "dkimVerdict", "dmarcVerdict"):
+    for name in SES_VERDICTS:
         verdict = receipt.get(name)
         if isinstance(verdict, dict) and isinstance(verdict.get("status"), str):
             verdicts[name.removesuffix("Verdict")] = verdict["status"]

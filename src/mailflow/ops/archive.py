@@ -176,7 +176,7 @@ class Archiver:
         grace_s: float = 0.0,
         clock: Any = time.time,
     ) -> None:
-        self.s = settings
+        self.settings = settings
         self.s3 = s3
         self.ledger = ledger
         self.owner = owner
@@ -189,11 +189,15 @@ class Archiver:
         dest: Location | None = None,
     ) -> list[Location]:
         """Where the mail's object may be: incoming first, then every archive location."""
-        found = [source(self.s, records)]
-        found += [loc for r in records if (loc := archived_at(r, self.s)) is not None]
-        bucket = self.s.archive_bucket or found[0].bucket
+        found = [source(self.settings, records)]
+        found += [loc for r in records if (loc := archived_at(r, self.settings)) is not None]
+        bucket = self.settings.archive_bucket or found[0].bucket
         mail_id = str(records[0]["mail_id"])
-        for prefix in (self.s.failed_prefix, self.s.processed_prefix, self.s.quarantine_prefix):
+        for prefix in (
+            self.settings.failed_prefix,
+            self.settings.processed_prefix,
+            self.settings.quarantine_prefix,
+        ):
             found.append(Location(bucket, f"{prefix}{mail_id}"))
         return [loc for loc in dict.fromkeys(found) if loc != dest]
 
@@ -215,8 +219,8 @@ class Archiver:
         if why is not None:
             return ArchiveResult("skipped", None, why)
         if dry_run:
-            dest = destination(self.s, records)
-            return ArchiveResult("would", dest, f"from {source(self.s, records).url}")
+            dest = destination(self.settings, records)
+            return ArchiveResult("would", dest, f"from {source(self.settings, records).url}")
         async with mail_lock(self.ledger, records, self.owner) as held:
             if not held:
                 return ArchiveResult("skipped", None, "busy: the mail is locked by another")
@@ -224,8 +228,8 @@ class Archiver:
             why = not_ready(records, self._clock(), self.grace_s)
             if why is not None:
                 return ArchiveResult("skipped", None, why)
-            dest = destination(self.s, records)
-            if dest.where == source(self.s, records):  # a copy onto itself, then a delete
+            dest = destination(self.settings, records)
+            if dest.where == source(self.settings, records):  # a copy onto itself, then a delete
                 raise CopyMismatchError(f"{dest.where.url} is the incoming key: check prefixes")
             note = await self._move(mail_id, records, dest)
             marked = await self._mark(records, dest, note)
@@ -285,7 +289,7 @@ class Archiver:
             key = DeliveryKey(str(record["mail_id"]), str(record["recipient"]))
             if status in (Status.SUCCEEDED, Status.FAILED):
                 expect: tuple[Status, ...] = (Status(status),)
-            elif status == Status.ARCHIVED and archived_at(record, self.s) != dest.where:
+            elif status == Status.ARCHIVED and archived_at(record, self.settings) != dest.where:
                 expect = (Status.ARCHIVED,)  # archived before a retry: point at the new copy
             else:
                 continue
@@ -301,7 +305,7 @@ class Archiver:
 
     async def restore(self, info: ObjectInfo, records: Sequence[dict[str, Any]]) -> str | None:
         """Put the object back at its incoming key (for a retry); None if it is there."""
-        home = source(self.s, records)
+        home = source(self.settings, records)
         if info.where == home:
             return None
         await copy_verified(self.s3, info, home, {"mailflow-restored-from": _ascii(info.where.url)})

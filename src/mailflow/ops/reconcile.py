@@ -31,18 +31,17 @@ from typing import Any, Protocol
 
 import structlog
 
-from mailflow import aws
 from mailflow.aws import AwsClients
 from mailflow.aws.ledger import DeliveryKey, Ledger, Status, history_entry
 from mailflow.aws.queue import Queue
-from mailflow.aws.store import Location, head
-from mailflow.cli.render import iso
+from mailflow.aws.store import Listed, Location, head, list_objects, read_prefix
 from mailflow.config import Settings
 from mailflow.errors import MailflowError
 from mailflow.mail.notification import synthetic_notification
 from mailflow.mail.summary import HEAD_BUDGET_BYTES, header_addresses, received_for, split_head
 from mailflow.ops.archive import Archiver
 from mailflow.routing import DeliveryPlan, normalize_recipient, plan_delivery
+from mailflow.timestamps import iso
 
 log = structlog.get_logger("mailflow.ops.reconcile")
 
@@ -58,7 +57,7 @@ _SES_VERDICT = re.compile(r"^X-SES-(Spam|Virus)-Verdict:[ \t]*(\w+)", re.IGNOREC
 
 
 @dataclass(frozen=True, slots=True)
-class Options:
+class ReconcileOptions:
     limit: int = 100
     dry_run: bool = False
     grace_s: float = 60.0
@@ -205,17 +204,17 @@ class Reconciler:
         settings: Settings,
         clients: AwsClients,
         queue: Queue,
-        options: Options,
+        options: ReconcileOptions,
         *,
         owner: str | None = None,
         tracker: Tracker | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.s = settings
+        self.settings = settings
         self.clients = clients
         self.queue = queue
-        self.o = options
+        self.options = options
         self.owner = owner or new_owner()
         self.tracker = tracker or NullTracker()
         self.should_stop = should_stop
@@ -231,13 +230,13 @@ class Reconciler:
         )
 
     async def run_pass(self) -> PassReport:
-        report = PassReport(dry_run=self.o.dry_run, started_at=self._clock())
+        report = PassReport(dry_run=self.options.dry_run, started_at=self._clock())
         steps = {"orphans": self._orphans, "requeue": self._requeue, "archive": self._archive}
         for phase in PHASES:
-            if phase in self.o.phases and not self.should_stop():
+            if phase in self.options.phases and not self.should_stop():
                 report.actions.extend(await steps[phase]())
         report.duration_s = self._clock() - report.started_at
-        log.info("reconcile_pass", dry_run=self.o.dry_run, **report.counts())
+        log.info("reconcile_pass", dry_run=self.options.dry_run, **report.counts())
         return report
 
     async def _each(
@@ -261,15 +260,17 @@ class Reconciler:
     # --- archive ----------------------------------------------------------------------------
 
     async def _archive(self) -> list[Action]:
-        before = self._clock() - self.o.archive_grace_s
+        before = self._clock() - self.options.archive_grace_s
         mail_ids: dict[str, None] = {}
         for status in (Status.SUCCEEDED, Status.FAILED):
-            found = await self.ledger.needing_attention(status, before_s=before, limit=self.o.limit)
+            found = await self.ledger.needing_attention(
+                status, before_s=before, limit=self.options.limit
+            )
             mail_ids.update((str(r["mail_id"]), None) for r in found)
-        return await self._each("archive", list(mail_ids)[: self.o.limit], self._archive_one)
+        return await self._each("archive", list(mail_ids)[: self.options.limit], self._archive_one)
 
     async def _archive_one(self, mail_id: str) -> Action:
-        done = await self.archiver.archive_mail(mail_id, dry_run=self.o.dry_run)
+        done = await self.archiver.archive_mail(mail_id, dry_run=self.options.dry_run)
         dest = done.destination
         url = dest.where.url if dest else None
         return Action(
@@ -279,10 +280,10 @@ class Reconciler:
     # --- requeue ----------------------------------------------------------------------------
 
     async def _requeue(self) -> list[Action]:
-        before = self._clock() - self.o.grace_s
+        before = self._clock() - self.options.grace_s
         items: list[dict[str, Any]] = []
         for status in (Status.RECEIVED, Status.RETRYING, Status.PROCESSING):
-            if (left := self.o.limit - len(items)) > 0:
+            if (left := self.options.limit - len(items)) > 0:
                 found = await self.ledger.needing_attention(status, before_s=before, limit=left)
                 items.extend(r for r in found if _stale(r, before))
         return await self._each("requeue", items, self._requeue_one)
@@ -291,8 +292,8 @@ class Reconciler:
         status = Status(record["status"])
         key = DeliveryKey(str(record["mail_id"]), str(record["recipient"]))
         where = Location(
-            str(record.get("bucket") or self.s.bucket),
-            str(record.get("key") or f"{self.s.incoming_prefix}{key.mail_id}"),
+            str(record.get("bucket") or self.settings.bucket),
+            str(record.get("key") or f"{self.settings.incoming_prefix}{key.mail_id}"),
         )
         seen = int(record.get("requeue_count") or 0)
         gone = await head(self.clients.s3, where) is None
@@ -304,7 +305,7 @@ class Reconciler:
             recipient=key.recipient,
             dest=where.url,
         )
-        if self.o.dry_run:
+        if self.options.dry_run:
             return act("would", detail=f"{status.value}, object {'gone' if gone else 'there'}")
         if gone:
             now = self._clock()
@@ -321,13 +322,13 @@ class Reconciler:
             fields = {
                 "reason": "object_missing",
                 "detail": f"{where.url} not found",
-                "expires_at": int(now + self.s.retention_days * 86400),
+                "expires_at": self.settings.expires_at(now),
             }
             failed = await self.ledger.fail_stale(
                 key, expect=status, seen_requeues=seen, fields=fields, entry=entry
             )
             return act("done" if failed else "skipped", detail=f"was {status.value}")
-        recheck_at = self._clock() + self.o.requeue_every_s
+        recheck_at = self._clock() + self.options.requeue_every_s
         if not await self.ledger.mark_requeued(
             key, expect=status, seen_requeues=seen, recheck_at=recheck_at
         ):
@@ -349,52 +350,41 @@ class Reconciler:
     # --- orphans ----------------------------------------------------------------------------
 
     async def _orphans(self) -> list[Action]:
-        age_s = self.s.orphan_age_s if self.o.orphan_age_s is None else self.o.orphan_age_s
+        age_s = (
+            self.settings.orphan_age_s
+            if self.options.orphan_age_s is None
+            else self.options.orphan_age_s
+        )
         cutoff = self._clock() - age_s
-        prefix = self.s.incoming_prefix
-        kwargs: dict[str, Any] = {"Bucket": self.s.bucket, "Prefix": prefix, "MaxKeys": 1000}
-        old: list[dict[str, Any]] = []
-        for _ in range(MAX_LIST_PAGES):
-            resp = await aws.call("s3.ListObjectsV2", self.clients.s3.list_objects_v2, **kwargs)
-            for obj in resp.get("Contents", []):
-                mail_id = str(obj["Key"]).removeprefix(prefix)
-                if mail_id and "/" not in mail_id and obj["LastModified"].timestamp() <= cutoff:
-                    old.append(obj)
-            if not resp.get("IsTruncated"):
-                break
-            kwargs["ContinuationToken"] = resp["NextContinuationToken"]
-        orphans: list[dict[str, Any]] = []
+        prefix = self.settings.incoming_prefix
+        old: list[Listed] = []
+        async for obj in list_objects(
+            self.clients.s3, self.settings.bucket, prefix, max_pages=MAX_LIST_PAGES
+        ):
+            mail_id = obj.key.removeprefix(prefix)
+            if mail_id and "/" not in mail_id and obj.modified_at <= cutoff:
+                old.append(obj)
+        orphans: list[Listed] = []
         for obj in old:  # the ledger is asked only about old objects, and only until `limit`
-            if len(orphans) >= self.o.limit or self.should_stop():
+            if len(orphans) >= self.options.limit or self.should_stop():
                 break
-            if not await self.ledger.get_mail(str(obj["Key"]).removeprefix(prefix)):
+            if not await self.ledger.get_mail(obj.key.removeprefix(prefix)):
                 orphans.append(obj)
         return await self._each("orphans", orphans, self._orphan_one)
 
-    async def _orphan_one(self, obj: dict[str, Any]) -> Action:
-        where = Location(self.s.bucket, str(obj["Key"]))
-        mail_id = where.key.removeprefix(self.s.incoming_prefix)
-        resp = await aws.call(
-            "s3.GetObject",
-            self.clients.s3.get_object,
-            Bucket=where.bucket,
-            Key=where.key,
-            Range=f"bytes=0-{HEAD_BUDGET_BYTES - 1}",
-        )
-        body = resp["Body"]
-        try:
-            head_bytes = split_head(await body.read())
-        finally:
-            body.close()
-        recipients, found_in = orphan_recipients(head_bytes, self.s)
+    async def _orphan_one(self, obj: Listed) -> Action:
+        where = Location(self.settings.bucket, obj.key)
+        mail_id = where.key.removeprefix(self.settings.incoming_prefix)
+        head_bytes = split_head(await read_prefix(self.clients.s3, where, HEAD_BUDGET_BYTES))
+        recipients, found_in = orphan_recipients(head_bytes, self.settings)
         sender, verdicts = orphan_envelope(head_bytes)
-        received_at = obj["LastModified"].timestamp()
+        received_at = obj.modified_at
         fields: dict[str, Any] = {
             "bucket": where.bucket,
             "key": where.key,
             "sender": sender,
             "received_at": received_at,
-            "size_bytes": int(obj.get("Size", 0)),
+            "size_bytes": obj.size_bytes,
             "verdicts": verdicts,
             "recovered_by": "reconcile_orphan",
             "recipients_from": found_in,
@@ -403,7 +393,7 @@ class Reconciler:
             return await self._orphan_unknown(mail_id, where, fields)
         recipients = [normalize_recipient(r) for r in recipients]
         act = partial(Action, "orphans", "recovered", mail_id=mail_id, dest=where.url)
-        if self.o.dry_run:
+        if self.options.dry_run:
             return act("would", recipient=",".join(recipients), detail=f"from {found_in}")
         created = [
             r
@@ -443,9 +433,9 @@ class Reconciler:
             dest=where.url,
             detail=detail,
         )
-        if self.o.dry_run:
+        if self.options.dry_run:
             return act("would")
-        expires_at = int(self._clock() + self.s.retention_days * 86400)
+        expires_at = self.settings.expires_at(self._clock())
         created = await self.ledger.record_without_claim(
             DeliveryKey(mail_id, UNKNOWN_RECIPIENT),
             Status.FAILED,

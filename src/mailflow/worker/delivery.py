@@ -1,6 +1,6 @@
 """One delivery, one attempt: claim → fetch → run the processor → record the outcome.
 
-What the SQS message should do afterwards is returned as a `Fate`; the worker combines the
+What the SQS message should do afterwards is returned as a `Settlement`; the worker combines the
 fates of all deliveries of a mail into one decision about the message.
 """
 
@@ -54,7 +54,7 @@ def _stamp(name: str, now: float) -> None:
 
 
 @dataclass(frozen=True, slots=True)
-class Fate:
+class Settlement:
     """`done`: terminal, nothing left for this message. `defer_until_s`: look again then.
     `transient`: the backend failed us; let SQS redeliver after a short pause."""
 
@@ -63,7 +63,7 @@ class Fate:
     transient: bool = False
 
 
-DONE = Fate(done=True)
+DONE = Settlement(done=True)
 
 
 def _text(data: bytes, limit: int) -> str:
@@ -100,7 +100,7 @@ class Deliverer:
         clock: Callable[[], float] = time.time,
         keys: KeyRing | None = None,
     ) -> None:
-        self.s = settings
+        self.settings = settings
         self.keys = keys
         self.ledger = ledger
         self.s3 = s3
@@ -113,7 +113,7 @@ class Deliverer:
 
     def plan(self, ref: MailRef, recipient: str) -> DeliveryPlan | Unroutable:
         return plan_delivery(
-            self.s.routes,
+            self.settings.routes,
             recipient,
             sender=ref.sender,
             mail_id=ref.mail_id,
@@ -138,7 +138,7 @@ class Deliverer:
         return meta
 
     def quarantine_reason(self, ref: MailRef) -> str | None:
-        for name in self.s.quarantine_verdicts:
+        for name in self.settings.quarantine_verdicts:
             if ref.verdicts.get(name, "").upper() == "FAIL":
                 return f"{name} verdict FAIL"
         return None
@@ -150,7 +150,7 @@ class Deliverer:
         reason: str,
         detail: str,
         route: str | None,
-    ) -> Fate:
+    ) -> Settlement:
         """Unroutable or quarantined: a terminal record with no processor run."""
         key = DeliveryKey(ref.mail_id, recipient)
         fields = self._meta(ref, route) | {
@@ -158,7 +158,7 @@ class Deliverer:
             "subject": ref.subject[:998],  # from SES's commonHeaders: the mail is not fetched
             "reason": reason,
             "detail": detail,
-            "expires_at": int(self._clock() + self.s.retention_days * 86400),
+            "expires_at": self.settings.expires_at(self._clock()),
         }
         created = await self.ledger.record_without_claim(key, Status.FAILED, fields)
         self._log_outcome(
@@ -176,7 +176,7 @@ class Deliverer:
         return (
             DONE
             if record.get("status") in {"succeeded", "failed", "archived"}
-            else Fate(
+            else Settlement(
                 defer_until_s=self._clock() + 30,
             )
         )
@@ -187,14 +187,14 @@ class Deliverer:
         plan: DeliveryPlan,
         recipient: str,
         leases: dict[DeliveryKey, str] | None = None,
-    ) -> Fate:
+    ) -> Settlement:
         key = DeliveryKey(ref.mail_id, recipient)
         token = secrets.token_hex(16)
         claim = await self.ledger.claim(
             key,
             worker=self.worker_id,
             token=token,
-            lease_s=self.s.lease_s,
+            lease_s=self.settings.lease_s,
             meta=self._meta(ref, plan.route) | {"argv": list(plan.argv)},
         )
         if isinstance(claim, Busy):
@@ -207,7 +207,7 @@ class Deliverer:
             if leases is not None:
                 leases.pop(key, None)
 
-    def _busy_fate(self, ref: MailRef, recipient: str, busy: Busy) -> Fate:
+    def _busy_fate(self, ref: MailRef, recipient: str, busy: Busy) -> Settlement:
         log.info(
             "duplicate" if busy.why == "terminal" else "deferred",
             mail_id=ref.mail_id,
@@ -218,7 +218,7 @@ class Deliverer:
         )
         if busy.why == "terminal":
             return DONE
-        return Fate(defer_until_s=busy.until_s)
+        return Settlement(defer_until_s=busy.until_s)
 
     async def _attempt(
         self,
@@ -226,10 +226,10 @@ class Deliverer:
         plan: DeliveryPlan,
         key: DeliveryKey,
         claim: Claimed,
-    ) -> Fate:
+    ) -> Settlement:
         attempt = claim.attempt
         started = self._clock()
-        if attempt > self.s.max_attempts:
+        if attempt > self.settings.max_attempts:
             # Earlier attempts died without an outcome (worker killed mid-run): stop here.
             outcome = Outcome(Verdict.PERMANENT, "attempts_exhausted")
             return await self._record(ref, plan, key, claim, outcome, None, None, started)
@@ -242,29 +242,29 @@ class Deliverer:
                 ref.bucket,
                 ref.key,
                 spool_dir=self.spool_dir,
-                max_bytes=self.s.max_mail_bytes,
+                max_bytes=self.settings.max_mail_bytes,
                 keys=self.keys,
                 mail_id=ref.mail_id,
             ) as mail:
                 size_bytes = mail.size_bytes
                 summary = summarize(mail.head)
-                env = plan.env | {"MAILFLOW_ATTEMPT": str(attempt)}
+                env = plan.env | {"MAILFLOW_ATTEMPT": str(attempt)}  # the plan has no attempt
                 _stamp("spawn", self._clock())
                 result = await self.processor.run(
                     ProcessRequest(
                         argv=plan.argv,
                         env=env,
                         stdin_path=mail.path,
-                        timeout_s=self.s.processor_timeout_s,
-                        kill_grace_s=self.s.kill_grace_s,
-                        cwd=self.s.workdir,
-                        tail_bytes=self.s.output_tail_bytes,
+                        timeout_s=self.settings.processor_timeout_s,
+                        kill_grace_s=self.settings.kill_grace_s,
+                        cwd=self.settings.workdir,
+                        tail_bytes=self.settings.output_tail_bytes,
                     ),
                 )
             _stamp("exit", self._clock())
-            outcome = classify(result, self.s.tempfail_codes)
+            outcome = classify(result, self.settings.tempfail_codes)
         except ObjectMissingError as exc:
-            missing_final = attempt >= self.s.missing_object_attempts
+            missing_final = attempt >= self.settings.missing_object_attempts
             verdict = Verdict.PERMANENT if missing_final else Verdict.RETRY
             outcome = Outcome(verdict, "object_missing")
             result = ProcessResult(transport_error=str(exc))
@@ -305,21 +305,21 @@ class Deliverer:
         *,
         size_bytes: int | None = None,
         now: bool = False,
-    ) -> Fate:
+    ) -> Settlement:
         attempt = claim.attempt
         finished = self._clock()
         fields: dict[str, Any] = {"reason": outcome.reason, "finished_at": finished}
         if outcome.verdict is Verdict.SUCCESS:
             status = Status.SUCCEEDED
-        elif outcome.verdict is Verdict.RETRY and attempt < self.s.max_attempts:
+        elif outcome.verdict is Verdict.RETRY and attempt < self.settings.max_attempts:
             status = Status.RETRYING
             delay = (
                 0.0
                 if now
                 else retry_delay_s(
                     attempt,
-                    base_s=self.s.retry_base_s,
-                    max_s=self.s.retry_max_s,
+                    base_s=self.settings.retry_base_s,
+                    max_s=self.settings.retry_max_s,
                 )
             )
             fields["next_attempt_at"] = finished + delay
@@ -331,12 +331,12 @@ class Deliverer:
         if status is not Status.RETRYING:
             fields["outcome"] = status.value
             fields["next_attempt_at"] = None
-            fields["expires_at"] = int(finished + self.s.retention_days * 86400)
+            fields["expires_at"] = self.settings.expires_at(finished)
         if result is not None:
             fields["exit_code"] = result.exit_code
             fields["signal"] = result.signal
-            fields["stdout_tail"] = _text(result.stdout_tail, self.s.output_tail_bytes)
-            fields["stderr_tail"] = _text(result.stderr_tail, self.s.output_tail_bytes)
+            fields["stdout_tail"] = _text(result.stdout_tail, self.settings.output_tail_bytes)
+            fields["stderr_tail"] = _text(result.stderr_tail, self.settings.output_tail_bytes)
             fields["duration_ms"] = round(result.duration_s * 1000, 1)
             if result.transport_error:
                 fields["detail"] = result.transport_error[:1000]
@@ -372,7 +372,7 @@ class Deliverer:
             log.warning(
                 "lease_lost_at_finish", mail_id=ref.mail_id, recipient=key.recipient, error=str(exc)
             )
-            return Fate(defer_until_s=self._clock() + self.s.lease_s)
+            return Settlement(defer_until_s=self._clock() + self.settings.lease_s)
         self._log_outcome(
             ref,
             key.recipient,
@@ -387,7 +387,7 @@ class Deliverer:
             started_s=started,
         )
         if status is Status.RETRYING:
-            return Fate(defer_until_s=float(fields["next_attempt_at"]))
+            return Settlement(defer_until_s=float(fields["next_attempt_at"]))
         return DONE
 
     def _log_outcome(
@@ -426,7 +426,7 @@ class Deliverer:
             timing_ms=timing or None,
             processor_started_at=round(stamps["spawn"], 6) if "spawn" in stamps else None,
             **emf(
-                self.s.metrics_namespace,
+                self.settings.metrics_namespace,
                 route=route,
                 status=str(status),
                 attempt=attempt,

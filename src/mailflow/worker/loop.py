@@ -35,7 +35,8 @@ from mailflow.exitcodes import EXIT_DRAIN_TIMEOUT, EXIT_OK
 from mailflow.mail.notification import MailRef, check_trusted, parse_body
 from mailflow.processors.exec import ExecProcessor, Processor
 from mailflow.routing import DeliveryPlan, Unroutable
-from mailflow.worker.delivery import DONE, STAMPS, Deliverer, Fate
+from mailflow.signals import stop_signals
+from mailflow.worker.delivery import DONE, STAMPS, Deliverer, Settlement
 from mailflow.worker.gate import KeyGate
 from mailflow.worker.health import LoopLagProbe, write_health
 
@@ -75,7 +76,7 @@ def new_worker_id() -> str:
 
 
 @dataclass(slots=True)
-class Held:
+class HeldMessage:
     """A message this worker holds: its visibility is ours to keep alive or give back."""
 
     message: Message
@@ -96,7 +97,7 @@ class Worker:
         worker_id: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.s = settings
+        self.settings = settings
         self.clients = clients
         self.processor = processor or make_processor(settings)
         self.worker_id = worker_id or new_worker_id()
@@ -105,7 +106,7 @@ class Worker:
         self.hurry = asyncio.Event()
         self.ledger = Ledger(clients.dynamodb, settings.table, clock=clock)
         self.queue: Queue | None = None
-        self._held: dict[str, Held] = {}  # by receipt handle
+        self._held: dict[str, HeldMessage] = {}  # by receipt handle
         self._room = asyncio.Condition()
         self._run_slots = asyncio.Semaphore(settings.concurrency)
         self._gate = KeyGate()
@@ -145,11 +146,17 @@ class Worker:
 
     # --- main -------------------------------------------------------------------------------
 
-    async def run(self) -> int:
-        self.queue = await Queue.resolve(self.clients.sqs, self.s.queue, self.s.dlq)
-        spool_dir = make_spool_dir(self.s.spool_dir)
+    async def run(self, *, handle_signals: bool = True) -> int:
+        """Work until stopped; returns the process exit code. With `handle_signals`, SIGTERM
+        and SIGINT call `request_stop` (a second one hurries the drain)."""
+        with stop_signals(self.request_stop) if handle_signals else contextlib.nullcontext():
+            return await self._run()
+
+    async def _run(self) -> int:
+        self.queue = await Queue.resolve(self.clients.sqs, self.settings.queue, self.settings.dlq)
+        spool_dir = make_spool_dir(self.settings.spool_dir)
         self.deliverer = Deliverer(
-            self.s,
+            self.settings,
             self.ledger,
             self.clients.s3,
             self.processor,
@@ -157,15 +164,15 @@ class Worker:
             spool_dir=spool_dir,
             shutting_down=self.stop.is_set,
             clock=self._clock,
-            keys=KeyRing(self.clients.kms_in, self.s.kms_key),
+            keys=KeyRing(self.clients.kms_in, self.settings.kms_key),
         )
         log.info(
             "worker_started",
             worker=self.worker_id,
             queue=self._queue.url,
-            concurrency=self.s.concurrency,
-            transport=self.s.processor_transport,
-            routes=[r.name for r in self.s.routes],
+            concurrency=self.settings.concurrency,
+            transport=self.settings.processor_transport,
+            routes=[r.name for r in self.settings.routes],
         )
         receiver = asyncio.create_task(self._receive_loop(), name="receiver")
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
@@ -196,7 +203,7 @@ class Worker:
         it messages, which a cancelled request would hide for a whole visibility timeout.
         The receive loop gives whatever arrives after the stop straight back."""
         try:
-            async with asyncio.timeout(self.s.wait_time_s + 5):
+            async with asyncio.timeout(self.settings.wait_time_s + 5):
                 await asyncio.shield(receiver)
         except TimeoutError:
             receiver.cancel()
@@ -211,11 +218,11 @@ class Worker:
             if held.parked and held.handler is not None:
                 held.handler.cancel()  # never started: straight back to SQS (visibility 0)
         pending = {t for t in self._tasks if not t.done()}
-        log.info("draining", running=len(pending), grace_s=self.s.shutdown_grace_s)
+        log.info("draining", running=len(pending), grace_s=self.settings.shutdown_grace_s)
         hurry = asyncio.create_task(self.hurry.wait())
         try:
             while (pending := {t for t in pending if not t.done()}) and not self.hurry.is_set():
-                remaining = self.s.shutdown_grace_s - (time.monotonic() - started)
+                remaining = self.settings.shutdown_grace_s - (time.monotonic() - started)
                 if remaining <= 0:
                     break
                 await asyncio.wait(
@@ -237,7 +244,11 @@ class Worker:
     # --- receiving --------------------------------------------------------------------------
 
     def _capacity(self) -> int:
-        return self.s.concurrency + self.s.prefetch_limit - (len(self._held) - self._parked)
+        return (
+            self.settings.concurrency
+            + self.settings.prefetch_limit
+            - (len(self._held) - self._parked)
+        )
 
     def _waiting(self) -> int:
         """Held messages waiting for a run slot (not started, not parked)."""
@@ -247,7 +258,9 @@ class Worker:
         room = self._capacity()
         # Fuller receives, fewer calls: while prefetched messages still wait for a run slot
         # there is no hurry, so wait until a whole batch fits.
-        return room > 0 and (room >= min(BATCH, self.s.prefetch_limit) or self._waiting() == 0)
+        return room > 0 and (
+            room >= min(BATCH, self.settings.prefetch_limit) or self._waiting() == 0
+        )
 
     async def _receive_loop(self) -> None:
         while not self.stop.is_set():
@@ -258,8 +271,8 @@ class Worker:
             try:
                 messages = await self._queue.receive(
                     self._capacity(),
-                    self.s.wait_time_s,
-                    self.s.visibility_timeout_s,
+                    self.settings.wait_time_s,
+                    self.settings.visibility_timeout_s,
                 )
             except MailflowError as exc:
                 log.warning("receive_failed", error=str(exc))
@@ -274,7 +287,7 @@ class Worker:
                 self.stats["max_receive_count"] = max(
                     self.stats["max_receive_count"], msg.receive_count
                 )
-                held = self._held[msg.receipt_handle] = Held(msg)
+                held = self._held[msg.receipt_handle] = HeldMessage(msg)
                 task = asyncio.create_task(self._handle(msg), name=f"msg-{msg.message_id}")
                 held.handler = task
                 self._tasks.add(task)
@@ -302,7 +315,7 @@ class Worker:
         try:
             try:
                 ref = parse_body(msg.body)
-                check_trusted(ref, self.s.allowed_buckets, self.s.incoming_prefix)
+                check_trusted(ref, self.settings.allowed_buckets, self.settings.incoming_prefix)
             except BadNotificationError as exc:
                 log.warning(
                     "dead_letter", message_id=msg.message_id, reason=exc.reason, detail=exc.detail
@@ -334,7 +347,7 @@ class Worker:
         finally:
             await self._release_room(msg)
 
-    async def _one_recipient(self, msg: Message, ref: MailRef, recipient: str) -> Fate:
+    async def _one_recipient(self, msg: Message, ref: MailRef, recipient: str) -> Settlement:
         held = self._held[msg.receipt_handle]
         plan = self.deliverer.plan(ref, recipient)
         if isinstance(plan, Unroutable):
@@ -347,7 +360,7 @@ class Worker:
         gate = (plan.route, plan.key, plan.max_in_flight_per_key)
         parked = self._gate.busy(*gate)
         if parked:
-            near_dlq = msg.receive_count >= self.s.max_receive_count - DLQ_MARGIN
+            near_dlq = msg.receive_count >= self.settings.max_receive_count - DLQ_MARGIN
             if self._parked >= self._park_limit and not near_dlq:
                 return self._defer_busy_key(msg, plan)
             held.parked, parked = True, True
@@ -366,7 +379,7 @@ class Worker:
                 held.parked = False
                 self._parked -= 1
 
-    def _defer_busy_key(self, msg: Message, plan: DeliveryPlan) -> Fate:
+    def _defer_busy_key(self, msg: Message, plan: DeliveryPlan) -> Settlement:
         """Over the parking cap: come back when the key is likely to have room. Deferrals of
         one key are paced one delivery-time apart, so each costs about one receive."""
         now = self._clock()
@@ -386,13 +399,13 @@ class Worker:
             receive_count=msg.receive_count,
             defer_s=round(until - now, 1),
         )
-        return Fate(defer_until_s=until)
+        return Settlement(defer_until_s=until)
 
     async def _run_delivery(
-        self, msg: Message, ref: MailRef, recipient: str, plan: DeliveryPlan, held: Held
-    ) -> Fate:
+        self, msg: Message, ref: MailRef, recipient: str, plan: DeliveryPlan, held: HeldMessage
+    ) -> Settlement:
         if not await self._acquire_run_slot():
-            return Fate(defer_until_s=self._clock())  # shutting down before we started
+            return Settlement(defer_until_s=self._clock())  # shutting down before we started
         admitted = self._clock()
         try:
             held.started = True
@@ -441,7 +454,7 @@ class Worker:
             self._run_slots.release()
         return False
 
-    async def _settle(self, msg: Message, fates: list[Fate]) -> None:
+    async def _settle(self, msg: Message, fates: list[Settlement]) -> None:
         if all(f.done for f in fates):
             await self._queue.delete(msg)
             self.stats["deleted"] += 1
@@ -458,7 +471,7 @@ class Worker:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.s.heartbeat_interval_s)
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
             try:
                 await self._beat()
             except asyncio.CancelledError:
@@ -475,15 +488,15 @@ class Worker:
         held = list(self._held.values())
         if not held:
             return
-        deadline_s = self.s.heartbeat_interval_s * BEAT_DEADLINE_SHARE
+        deadline_s = self.settings.heartbeat_interval_s * BEAT_DEADLINE_SHARE
         await asyncio.gather(
             self._extend_visibility(held, deadline_s), self._renew_leases(held, deadline_s)
         )
 
-    async def _extend_visibility(self, held: list[Held], deadline_s: float) -> None:
+    async def _extend_visibility(self, held: list[HeldMessage], deadline_s: float) -> None:
         try:
             failed = await self._queue.extend_batch(
-                [h.message for h in held], self.s.visibility_timeout_s, deadline_s=deadline_s
+                [h.message for h in held], self.settings.visibility_timeout_s, deadline_s=deadline_s
             )
         except MailflowError as exc:
             # The leases are what fence a redelivered copy; the next beat tries again.
@@ -492,11 +505,11 @@ class Worker:
         if failed:
             log.warning("visibility_extend_failed", message_ids=failed)
 
-    async def _renew_leases(self, held: list[Held], deadline_s: float) -> None:
+    async def _renew_leases(self, held: list[HeldMessage], deadline_s: float) -> None:
         renewals = [(h, key, token) for h in held for key, token in list(h.leases.items())]
         results = await asyncio.gather(
             *(
-                self.ledger.renew(key, token, self.s.lease_s, deadline_s=deadline_s)
+                self.ledger.renew(key, token, self.settings.lease_s, deadline_s=deadline_s)
                 for _, key, token in renewals
             ),
             return_exceptions=True,
@@ -512,15 +525,18 @@ class Worker:
 
     async def _health_loop(self) -> None:
         """The health file says: the loop turns, and SQS answered recently."""
-        path = self.s.heartbeat_file
+        path = self.settings.heartbeat_file
         while True:
             now = self._clock()
             # A long poll takes wait_time_s; allow that plus the health window before calling
             # the receiver stuck.
-            fresh = now - self._last_poll_s < self.s.heartbeat_max_age_s + self.s.wait_time_s
+            fresh = (
+                now - self._last_poll_s
+                < self.settings.heartbeat_max_age_s + self.settings.wait_time_s
+            )
             if fresh or self.stop.is_set() or self._capacity() <= 0:
                 write_health(path, {"worker": self.worker_id, "at": now, "held": len(self._held)})
-            await asyncio.sleep(min(5.0, self.s.heartbeat_max_age_s / 3))
+            await asyncio.sleep(min(5.0, self.settings.heartbeat_max_age_s / 3))
 
 
 __all__ = ["DONE", "Worker", "make_processor"]
