@@ -46,7 +46,7 @@ ENV PATH=/opt/mailflow/bin:$PATH \
     MAILFLOW_LOG_FORMAT=json \
     MAILFLOW_PROCESSOR_TRANSPORT=fastcgi \
     MAILFLOW_SPOOL_DIR=/var/spool/mailflow \
-    MAILFLOW_HEARTBEAT_FILE=/run/mailflow/worker.heartbeat
+    MAILFLOW_HEALTH_FILE=/run/mailflow/worker.health
 
 # A fixed numeric uid/gid, so `USER` is numeric (Kubernetes' runAsNonRoot can verify it) and
 # volume ownership is predictable. The writable paths are declared VOLUMEs: with a read-only

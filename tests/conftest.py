@@ -174,7 +174,7 @@ def env(moto_url: str, tmp_path: Path) -> Env:
         processor_timeout_s=10,
         kill_grace_s=1,
         shutdown_grace_s=10,
-        heartbeat_file=tmp_path / "heartbeat",
+        health_file=tmp_path / "heartbeat",
         spool_dir=tmp_path / "spool",
         log_format="json",
     )

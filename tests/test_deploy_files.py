@@ -372,7 +372,7 @@ def test_read_only_roots_with_writable_volumes_where_needed(task_def, reconcile_
     settings = settings_from(env_of(worker), monkeypatch)
     mounted = {m["containerPath"] for m in worker["mountPoints"]}
     assert str(settings.spool_dir) in mounted
-    assert str(settings.heartbeat_file.parent) in mounted
+    assert str(settings.health_file.parent) in mounted
 
 
 def _volume_paths(dockerfile: Path) -> set[str]:
@@ -653,7 +653,7 @@ def test_worker_image_shape():
     # Paths the worker writes are volumes, and the Settings defaults baked in agree.
     env = " ".join(line for line in final if line.startswith("ENV "))
     assert "MAILFLOW_SPOOL_DIR=/var/spool/mailflow" in env
-    assert "MAILFLOW_HEARTBEAT_FILE=/run/mailflow/worker.heartbeat" in env
+    assert "MAILFLOW_HEALTH_FILE=/run/mailflow/worker.health" in env
     [volume] = [line for line in final if line.startswith("VOLUME")]
     assert json.loads(volume.split(None, 1)[1]) == ["/var/spool/mailflow", "/run/mailflow", "/tmp"]
 

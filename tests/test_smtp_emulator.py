@@ -432,7 +432,7 @@ def test_end_to_end_smtp_to_worker_delivery_succeeds(aws_env, tmp_path):
     sink = tmp_path / "sink.py"
     sink.write_text(SINK, encoding="utf-8")
     suffix = uuid.uuid4().hex[:10]
-    heartbeat = tmp_path / "worker.heartbeat"
+    heartbeat = tmp_path / "worker.health"
     routes = [
         {
             "name": "store",
@@ -452,7 +452,7 @@ def test_end_to_end_smtp_to_worker_delivery_succeeds(aws_env, tmp_path):
         "MAILFLOW_TABLE": f"mailflow-e2e-{suffix}",
         "MAILFLOW_ROUTES": json.dumps(routes),
         "MAILFLOW_PROCESSOR_TRANSPORT": "exec",
-        "MAILFLOW_HEARTBEAT_FILE": str(heartbeat),
+        "MAILFLOW_HEALTH_FILE": str(heartbeat),
         "MAILFLOW_SPOOL_DIR": str(tmp_path / "spool"),
         "MAILFLOW_WAIT_TIME_S": "1",
         "MAILFLOW_SHUTDOWN_GRACE_S": "10",

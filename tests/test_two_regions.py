@@ -77,7 +77,7 @@ def test_two_region_layout_delivers_encrypted_mail(two_regions: Signed, tmp_path
         routes=(behave_route(),),
         pass_env=("LEDGER_DIR",),
         wait_time_s=1,
-        heartbeat_file=tmp_path / "heartbeat",
+        health_file=tmp_path / "heartbeat",
         spool_dir=tmp_path / "spool",
         log_format="json",
     )

@@ -302,3 +302,14 @@ def test_archive_prefixes_must_not_overlap_incoming() -> None:
         Settings(processed_prefix="incoming/done/")
     # another bucket for the archive: no overlap possible
     assert Settings(processed_prefix="incoming/", archive_bucket="archive").archive_bucket
+
+
+def test_health_file_keeps_its_old_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deployed task definitions still say MAILFLOW_HEARTBEAT_FILE; the new name wins."""
+    monkeypatch.setenv("MAILFLOW_HEARTBEAT_FILE", "/run/old")
+    monkeypatch.setenv("MAILFLOW_HEARTBEAT_MAX_AGE_S", "7")
+    old = Settings()
+    assert (str(old.health_file), old.health_max_age_s) == ("/run/old", 7.0)
+    monkeypatch.setenv("MAILFLOW_HEALTH_FILE", "/run/new")
+    assert str(Settings().health_file) == "/run/new"
+    assert str(Settings(health_file="/run/kw").health_file) == "/run/kw"

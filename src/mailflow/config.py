@@ -16,6 +16,7 @@ from typing import Annotated, Literal, Self
 
 import regex
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -131,6 +132,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(
         env_prefix="MAILFLOW_",
+        populate_by_name=True,  # Settings(health_file=…) as well as its environment names
         env_file=".env",
         env_file_encoding="utf-8",
         extra="ignore",
@@ -193,8 +195,19 @@ class Settings(BaseSettings):
     # --- observability ----------------------------------------------------------------------
     log_format: Literal["json", "console", "auto"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    heartbeat_file: Path = Path("/tmp/mailflow-worker.heartbeat")  # noqa: S108 - a health beacon, not a secret
-    heartbeat_max_age_s: Annotated[float, Field(gt=0)] = 60.0
+    # The health file (`mailflow check`), not the lease heartbeat. The old names still work.
+    health_file: Path = Field(
+        Path("/tmp/mailflow-worker.health"),  # noqa: S108 - a health beacon, not a secret
+        validation_alias=AliasChoices(
+            "MAILFLOW_HEALTH_FILE", "MAILFLOW_HEARTBEAT_FILE", "health_file"
+        ),
+    )
+    health_max_age_s: Annotated[float, Field(gt=0)] = Field(
+        60.0,
+        validation_alias=AliasChoices(
+            "MAILFLOW_HEALTH_MAX_AGE_S", "MAILFLOW_HEARTBEAT_MAX_AGE_S", "health_max_age_s"
+        ),
+    )
     metrics_namespace: str = "mailflow"
 
     # --- reconciler -------------------------------------------------------------------------

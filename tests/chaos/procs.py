@@ -26,7 +26,7 @@ _FIELDS = (
     "bucket", "topic", "queue", "table", "incoming_prefix", "concurrency", "prefetch",
     "visibility_timeout_s", "lease_s", "heartbeat_s", "wait_time_s", "max_attempts",
     "retry_base_s", "retry_max_s", "missing_object_attempts", "processor_timeout_s",
-    "kill_grace_s", "max_mail_bytes", "shutdown_grace_s", "spool_dir", "heartbeat_file",
+    "kill_grace_s", "max_mail_bytes", "shutdown_grace_s", "spool_dir", "health_file",
     "pass_env", "allowed_buckets", "quarantine_verdicts", "tempfail_codes",
 )  # fmt: skip
 

@@ -107,16 +107,16 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     from mailflow.worker.health import health_age_s  # noqa: PLC0415
 
-    age = health_age_s(settings.heartbeat_file)
+    age = health_age_s(settings.health_file)
     if age is None:
-        sys.stderr.write(f"unhealthy: no heartbeat file at {settings.heartbeat_file}\n")
+        sys.stderr.write(f"unhealthy: no health file at {settings.health_file}\n")
         return EXIT_FAILURE
-    if age > settings.heartbeat_max_age_s:
+    if age > settings.health_max_age_s:
         sys.stderr.write(
-            f"unhealthy: heartbeat {age:.1f}s old (max {settings.heartbeat_max_age_s:.0f}s)\n",
+            f"unhealthy: health file {age:.1f}s old (max {settings.health_max_age_s:.0f}s)\n",
         )
         return EXIT_FAILURE
-    sys.stdout.write(f"ok: heartbeat {age:.1f}s old\n")
+    sys.stdout.write(f"ok: health file {age:.1f}s old\n")
     return EXIT_OK
 
 
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="a JSON array of delivery objects")
     p.set_defaults(handler=cmd_show)
 
-    p = sub.add_parser("check", help="health check: exit 0 if the worker's heartbeat is fresh")
+    p = sub.add_parser("check", help="health check: exit 0 if the worker's health file is fresh")
     p.set_defaults(handler=cmd_check)
 
     p = sub.add_parser(

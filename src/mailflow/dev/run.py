@@ -71,7 +71,7 @@ def run_dev(args: argparse.Namespace) -> int:
         lease_s=30,
         wait_time_s=2,
         shutdown_grace_s=10,
-        heartbeat_file=REPO / "var" / "worker.heartbeat",
+        health_file=REPO / "var" / "worker.health",
         log_format=os.environ.get("MAILFLOW_LOG_FORMAT", "console"),
     )
     logs.configure(settings.log_format, settings.log_level)

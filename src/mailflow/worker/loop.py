@@ -525,18 +525,17 @@ class Worker:
 
     async def _health_loop(self) -> None:
         """The health file says: the loop turns, and SQS answered recently."""
-        path = self.settings.heartbeat_file
+        path = self.settings.health_file
         while True:
             now = self._clock()
             # A long poll takes wait_time_s; allow that plus the health window before calling
             # the receiver stuck.
             fresh = (
-                now - self._last_poll_s
-                < self.settings.heartbeat_max_age_s + self.settings.wait_time_s
+                now - self._last_poll_s < self.settings.health_max_age_s + self.settings.wait_time_s
             )
             if fresh or self.stop.is_set() or self._capacity() <= 0:
                 write_health(path, {"worker": self.worker_id, "at": now, "held": len(self._held)})
-            await asyncio.sleep(min(5.0, self.settings.heartbeat_max_age_s / 3))
+            await asyncio.sleep(min(5.0, self.settings.health_max_age_s / 3))
 
 
 __all__ = ["DONE", "Worker", "make_processor"]
