@@ -236,6 +236,75 @@ def test_archived_encrypted_mail_stays_decryptable_and_retry_delivers_it(kenv: E
     assert (kenv.ledger_dir / "stdin" / f"{safe}.1").read_bytes() == first
 
 
+# --- memory: 16 encrypted 40 MiB mails at once -------------------------------------------------
+
+#: `make bench`'s peak-RSS target, 16 concurrent 40 MiB mails (bench/report.py).
+BENCH_PEAK_RSS_MB = 150.0
+MIB = 1024 * 1024
+
+
+def vm_hwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.slow
+def test_sixteen_encrypted_40mib_mails_stay_within_the_bench_memory_figure(
+    kenv: Env, tmp_path: Path
+) -> None:
+    """A `mailflow worker` process decrypts 16 × 40 MiB at once; its peak RSS stays in bounds."""
+    import signal  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from conftest import start_worker_process  # noqa: PLC0415
+    from mailflow.config import Route  # noqa: PLC0415
+
+    sha = require_binary("sha256sum")
+    route = Route(name="hash", match=r"ok-(?P<store>[0-9]{3})@orders\.example\.com", command=sha)
+    settings = kenv.with_settings(routes=(route,), concurrency=16, processor_timeout_s=60)
+    big = Env(settings, kenv.ledger_dir)
+    head = b"From: shop@example.com\r\nTo: ok-001@orders.example.com\r\nSubject: big\r\n\r\n"
+    lines = (40 * MIB - 4096 - len(head)) // 78  # SES headers go on top: stay under 40 MiB
+    raw = head + (b"x" * 76 + b"\r\n") * lines
+
+    async def send_all() -> list[str]:
+        async with open_clients() as clients:
+            return [
+                await big.send(clients, raw, [f"ok-{i:03d}@orders.example.com"]) for i in range(16)
+            ]
+
+    mail_ids = asyncio.run(send_all())
+    proc = start_worker_process(settings, tmp_path / "worker.log")
+    try:
+
+        async def wait_done() -> list[dict[str, Any]]:
+            async with open_clients() as clients:
+                deadline = time.monotonic() + 240
+                while time.monotonic() < deadline:
+                    recs = [r for m in mail_ids for r in await big.records(clients, m)]
+                    if len(recs) == 16 and all(
+                        r["status"] in {"succeeded", "failed"} for r in recs
+                    ):
+                        return recs
+                    await asyncio.sleep(0.5)
+            raise AssertionError("16 big mails not done in 240 s")
+
+        records = asyncio.run(wait_done())
+        peak_mb = vm_hwm_mb(proc.pid)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+    print(f"peak RSS of the worker, 16 encrypted 40 MiB mails: {peak_mb:.1f} MB")
+    assert {(r["status"], r["reason"]) for r in records} == {("succeeded", "ok")}
+    assert all(40 * MIB - 8192 < r["size_bytes"] <= 40 * MIB for r in records)
+    first = records[0]
+    expected = hashlib.sha256(decrypt_independently(big, first["bucket"], first["key"])).hexdigest()
+    assert first["stdout_tail"].split()[0] == expected  # the processor read the plaintext
+    assert peak_mb <= BENCH_PEAK_RSS_MB
+
+
 # --- compatibility with AWS's own S3 encryption client --------------------------------------
 
 S3EC_PYTHON = REPO / ".venv-s3ec" / "bin" / "python"
