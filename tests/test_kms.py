@@ -236,6 +236,32 @@ def test_archived_encrypted_mail_stays_decryptable_and_retry_delivers_it(kenv: E
     assert (kenv.ledger_dir / "stdin" / f"{safe}.1").read_bytes() == first
 
 
+def test_parse_decrypts_a_stored_object_and_refuses_a_tampered_one(kenv: Env) -> None:
+    from test_ops_cli import mailflow, mailflow_json  # noqa: PLC0415
+
+    raw = sample("order-001-iso2022jp.eml")
+
+    async def send() -> str:
+        async with open_clients() as clients:
+            return await kenv.send(clients, raw, [RCPT])
+
+    mail_id = asyncio.run(send())
+    key = f"{kenv.settings.incoming_prefix}{mail_id}"
+    url = f"s3://{kenv.settings.bucket}/{key}"
+    extra = {"MAILFLOW_KMS_KEY": str(kenv.settings.kms_key)}
+    doc = mailflow_json(kenv, "parse", url, extra=extra)
+    assert doc["encrypted"] is True
+    plaintext = decrypt_independently(kenv, kenv.settings.bucket, key)
+    assert doc["sha256"] == hashlib.sha256(plaintext).hexdigest()
+    assert doc["summary"]["subject"]  # read from the plaintext, not the ciphertext
+    assert [d["recipient"] for d in doc["deliveries"]] == [RCPT]
+    assert "encrypted (KMS)" in mailflow(kenv, "parse", url, extra=extra).stdout
+
+    rewrite(kenv, key, body=lambda b: b[:-1] + bytes([b[-1] ^ 1]))
+    failed = mailflow(kenv, "parse", url, code=1, extra=extra)
+    assert DECRYPT_TAG_MISMATCH in failed.stderr
+
+
 # --- memory: 16 encrypted 40 MiB mails at once -------------------------------------------------
 
 #: `make bench`'s peak-RSS target, 16 concurrent 40 MiB mails (bench/report.py).

@@ -146,14 +146,36 @@ def cmd_redrive(args: argparse.Namespace, settings: Settings) -> int:
 # --- parse ------------------------------------------------------------------------------------
 
 
+def _parse_stored(url: str, to: list[str], settings: Settings) -> dict[str, Any] | None:
+    from mailflow.aws import open_clients  # noqa: PLC0415
+    from mailflow.errors import MailflowError  # noqa: PLC0415
+    from mailflow.ops.parse import parse_object  # noqa: PLC0415
+
+    async def main() -> dict[str, Any] | None:
+        async with open_clients(mail_region=settings.mail_region) as clients:
+            try:
+                return await parse_object(clients, url, to, settings)
+            except (MailflowError, ValueError) as exc:
+                sys.stderr.write(f"mailflow parse: {url}: {exc}\n")
+                return None
+
+    return asyncio.run(main())
+
+
 def cmd_parse(args: argparse.Namespace, settings: Settings) -> int:
     from mailflow.ops.parse import parse_file  # noqa: PLC0415
 
-    path: Path = args.file
-    if not path.is_file():
-        sys.stderr.write(f"mailflow parse: no such file: {path}\n")
-        return EXIT_CONFIG
-    doc = parse_file(path, args.to or [], settings)
+    if args.file.startswith("s3://"):
+        found = _parse_stored(args.file, args.to or [], settings)
+        if found is None:
+            return EXIT_FAILURE
+        doc = found
+    else:
+        path = Path(args.file)
+        if not path.is_file():
+            sys.stderr.write(f"mailflow parse: no such file: {path}\n")
+            return EXIT_CONFIG
+        doc = parse_file(path, args.to or [], settings)
     if args.json:
         print_json(doc)
     else:
@@ -161,6 +183,8 @@ def cmd_parse(args: argparse.Namespace, settings: Settings) -> int:
         for name in ("from", "to", "subject", "date", "message_id_header", "content_type"):
             say(f"{name}: {summary.get(name, '')}")
         say(f"sender: {doc['sender']}  size: {doc['size_bytes']} bytes  sha256: {doc['sha256']}")
+        if doc.get("encrypted"):
+            say("stored encrypted (KMS): decrypted, GCM tag verified")
         for defect in summary.get("parse_defects", []):
             say(f"defect: {defect}")
         print_rows(
@@ -325,8 +349,12 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object")
     p.set_defaults(handler=cmd_redrive)
 
-    p = sub.add_parser("parse", help="header summary and route decision for a local mail file")
-    p.add_argument("file", type=Path, metavar="FILE.eml")
+    p = sub.add_parser(
+        "parse", help="header summary and route decision for a mail file or stored object"
+    )
+    p.add_argument(
+        "file", metavar="FILE.eml|s3://BUCKET/KEY", help="a stored object is decrypted if need be"
+    )
     p.add_argument(
         "--to",
         action="append",

@@ -1,16 +1,21 @@
-"""`mailflow parse FILE`: a local mail's header summary, and what each recipient would run.
+"""`mailflow parse FILE`: a mail's header summary, and what each recipient would run.
 
-No AWS: the routes come from the settings, the mail from a file.
+The routes come from the settings, the mail from a local file (no AWS), or from a stored object
+(`s3://bucket/key`), fetched into a private spool file the way the worker fetches it:
+decrypted when SES stored it encrypted, the tag verified, the file removed afterwards.
 """
 
 from __future__ import annotations
 
 import hashlib
+import shutil
 from collections.abc import Sequence
 from email.utils import parseaddr
 from pathlib import Path
 from typing import Any
 
+from mailflow.aws import AwsClients
+from mailflow.aws.store import KeyRing, make_spool_dir, spooled
 from mailflow.config import Settings
 from mailflow.mail.summary import header_addresses, received_for, split_head, summarize
 from mailflow.ops.reconcile import orphan_envelope
@@ -61,3 +66,35 @@ def parse_file(path: Path, to: Sequence[str], settings: Settings) -> dict[str, A
         "recipients_from": found_in,
         "deliveries": deliveries,
     }
+
+
+def split_s3_url(url: str) -> tuple[str, str]:
+    """`s3://bucket/key` → (bucket, key); ValueError when it is not one."""
+    bucket, _, key = url.removeprefix("s3://").partition("/")
+    if not url.startswith("s3://") or not bucket or not key:
+        raise ValueError(f"{url}: not s3://BUCKET/KEY")
+    return bucket, key
+
+
+async def parse_object(
+    clients: AwsClients,
+    url: str,
+    to: Sequence[str],
+    settings: Settings,
+) -> dict[str, Any]:
+    """`parse_file` for a stored object: fetched (and decrypted) as the worker would."""
+    bucket, key = split_s3_url(url)
+    spool_dir = make_spool_dir(settings.spool_dir)
+    try:
+        async with spooled(
+            clients.s3,
+            bucket,
+            key,
+            spool_dir=spool_dir,
+            max_bytes=settings.max_mail_bytes,
+            keys=KeyRing(clients.kms_in, settings.kms_key),
+        ) as mail:
+            doc = parse_file(mail.path, to, settings)
+        return doc | {"file": url, "encrypted": mail.encrypted}
+    finally:
+        shutil.rmtree(spool_dir, ignore_errors=True)
