@@ -305,3 +305,48 @@ def test_parse_shows_summary_and_route_without_aws(env: Env, tmp_path: Path) -> 
     assert doc["recipients_from"] == "--to"
     assert "exit1-011" in mailflow(env, "parse", str(plain)).stdout
     mailflow(env, "parse", str(tmp_path / "missing.eml"), code=2)
+
+
+def test_show_escapes_terminal_controls_in_processor_output(env: Env) -> None:
+    """Processor output is hostile text: a terminal must get escapes, not control sequences
+    (clear screen, retitle the window, right-to-left override), from `show`."""
+    hostile = "done\x1b[2J\x1b]0;pwned\x07 \x9b31m \u202eevil\r\nnext line\tend"
+    env.boto("dynamodb").put_item(
+        TableName=env.settings.table,
+        Item={
+            "mail_id": {"S": "m-hostile-output"},
+            "recipient": {"S": "ok-001@orders.example.com"},
+            "status": {"S": "failed"},
+            "reason": {"S": "exit_1\x1b[8m"},
+            "stdout_tail": {"S": hostile},
+            "stderr_tail": {"S": hostile},
+            "history": {
+                "L": [
+                    {
+                        "M": {
+                            "attempt": {"N": "1"},
+                            "status": {"S": "failed"},
+                            "stderr_tail": {"S": hostile},
+                        }
+                    }
+                ]
+            },
+        },
+    )
+    out = mailflow(env, "show", "m-hostile-output").stdout
+    for control in ("\x1b", "\x07", "\x9b", "\u202e", "\r"):
+        assert control not in out, repr(control)
+    assert "done\\x1b[2J\\x1b]0;pwned\\x07 \\x9b31m \\u202eevil\\x0d\nnext line" in out
+    assert "exit_1\\x1b[8m" in out
+    # the JSON output is for programs: exact, escaped by JSON itself
+    (shown,) = mailflow_json(env, "show", "m-hostile-output")
+    assert shown["stdout_tail"] == hostile
+
+
+def test_list_and_show_errors_go_to_stderr(env: Env) -> None:
+    done = mailflow(env, "list", "--status", "bogus", code=2)
+    assert (done.stdout, "unknown status" in done.stderr) == ("", True)
+    done = mailflow(env, "list", "--since", "yesterday", code=2)
+    assert (done.stdout, "--since" in done.stderr) == ("", True)
+    done = mailflow(env, "show", "no-such-mail", code=1)
+    assert (done.stdout, "no deliveries" in done.stderr) == ("", True)

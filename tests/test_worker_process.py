@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ import pytest
 from conftest import SIMPLE_MAIL, Env, all_terminal, require_binary, start_worker_process
 from mailflow.aws import open_clients
 from mailflow.exitcodes import EXIT_OK
+from mailflow.processors.child import Child
 from mailflow.routing import delivery_id
 
 
@@ -100,3 +103,43 @@ def test_two_workers_racing_run_a_delivery_once(env: Env, tmp_path: Path) -> Non
     for mail_id in mail_ids:
         to = _records(env, mail_id)[0]["recipient"]
         assert len(env.starts(delivery_id(mail_id, to))) == 1
+
+
+def test_process_waits_without_pidfd_leave_the_default_executor_free(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Without pidfd a thread waits for each child's exit. Those threads must not be the
+    default executor's: there they starve DNS lookups and every other to_thread call for as
+    long as the processors run."""
+
+    def no_pidfd(_pid: int) -> int:
+        raise OSError(38, "pidfd_open not available")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    stdin = tmp_path / "stdin"
+    stdin.write_bytes(b"")
+    sleep = shutil.which("sleep") or "/bin/sleep"
+
+    async def scenario() -> float:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=2))
+        children = [
+            await Child.start([sleep, "2"], stdin_path=stdin, env={}, cwd=None, read_limit=1024)
+            for _ in range(4)
+        ]
+        try:
+            started = time.monotonic()
+            # What getaddrinfo does: one call on the default executor.
+            await asyncio.wait_for(loop.run_in_executor(None, time.monotonic), 1.5)
+            waited_s = time.monotonic() - started
+            await asyncio.wait_for(asyncio.gather(*(c.exited for c in children)), 10)
+        finally:
+            for child in children:
+                child.signal_group(signal.SIGKILL)
+            for child in children:
+                await asyncio.shield(child.exited)
+                child.close()
+        assert all(c.returncode() == 0 for c in children)
+        return waited_s
+
+    assert asyncio.run(scenario()) < 0.5

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 import time
 from datetime import datetime
 from typing import Any
@@ -54,12 +55,12 @@ async def query(
 
 async def list_deliveries(args: argparse.Namespace, settings: Settings) -> int:
     if args.status and args.status not in {s.value for s in Status}:
-        print(f"mailflow list: unknown status {args.status!r}")  # noqa: T201
+        sys.stderr.write(f"mailflow list: unknown status {args.status!r}\n")
         return EXIT_CONFIG
     try:
         since = parse_since(args.since) if args.since else None
     except ValueError as exc:
-        print(f"mailflow list: {exc}")  # noqa: T201
+        sys.stderr.write(f"mailflow list: {exc}\n")
         return EXIT_CONFIG
     async with open_clients(mail_region=settings.mail_region) as clients:
         ledger = Ledger(clients.dynamodb, settings.table)
@@ -94,6 +95,6 @@ async def show_mail(args: argparse.Namespace, settings: Settings) -> int:
             print(describe_location(where))  # noqa: T201
     if not records:
         if not args.json:
-            print(f"mailflow show: no deliveries for mail {args.mail_id}")  # noqa: T201
+            sys.stderr.write(f"mailflow show: no deliveries for mail {args.mail_id}\n")
         return EXIT_FAILURE
     return EXIT_OK

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -72,6 +73,27 @@ STATUS_JA = {
 }
 
 
+#: Format characters that reorder what a terminal shows (bidi overrides, isolates, marks).
+BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+
+
+def terminal_text(value: object) -> str:
+    """`value` as text safe to print on a terminal: control characters (ESC sequences, BEL,
+    CR, C1 controls such as CSI) and bidi overrides escaped as `\\xNN` / `\\uNNNN`;
+    newline and tab kept. Processor output and mail headers are hostile input."""
+    out = []
+    for ch in str(value):
+        if ch in "\n\t" or (unicodedata.category(ch) != "Cc" and ch not in BIDI_CONTROLS):
+            out.append(ch)
+        elif ord(ch) <= 0xFF:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(f"\\u{ord(ch):04x}")
+    return "".join(out)
+
+
 def delivery_json(record: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in DELIVERY_FIELDS:
@@ -100,7 +122,7 @@ def print_rows(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
+        table.add_row(*("" if v is None else terminal_text(v) for v in row))
     print_table(table)
 
 
@@ -127,7 +149,7 @@ def deliveries_table(records: Iterable[Mapping[str, Any]], title: str = "") -> T
         status = str(r.get("status", ""))
         outcome = r.get("outcome")
         shown = f"{status}/{outcome}" if status == "archived" and outcome else status
-        table.add_row(
+        cells = (
             str(r.get("mail_id", "")),
             str(r.get("recipient", "")),
             f"{shown} {STATUS_JA.get(status, '')}",
@@ -138,6 +160,7 @@ def deliveries_table(records: Iterable[Mapping[str, Any]], title: str = "") -> T
             str(r.get("subject", "") or "")[:60],
             iso(r.get("updated_at")) or "",
         )
+        table.add_row(*(terminal_text(c) for c in cells))
     return table
 
 
@@ -156,13 +179,17 @@ def print_record(record: Mapping[str, Any], keys: Sequence[str] = DELIVERY_FIELD
             console.print("[bold]history[/bold]:")
             for entry in value:
                 console.print(
-                    f"  #{entry.get('attempt')} {entry.get('status')} {entry.get('reason')}"
-                    f" exit={entry.get('exit_code')} by {entry.get('worker')}"
-                    f" at {entry.get('finished_at')}",
+                    terminal_text(
+                        f"  #{entry.get('attempt')} {entry.get('status')} {entry.get('reason')}"
+                        f" exit={entry.get('exit_code')} by {entry.get('worker')}"
+                        f" at {entry.get('finished_at')}"
+                    ),
                     markup=False,
+                    highlight=False,
                 )
                 if entry.get("stderr_tail"):
-                    console.print("    stderr: " + str(entry["stderr_tail"])[-300:], markup=False)
+                    tail = terminal_text(str(entry["stderr_tail"])[-300:])
+                    console.print("    stderr: " + tail, markup=False, highlight=False)
             continue
         console.print(f"[bold]{key}[/bold]: ", end="")
-        console.print(str(value), markup=False)
+        console.print(terminal_text(value), markup=False, highlight=False)
