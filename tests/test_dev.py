@@ -69,3 +69,6 @@ def test_dev_runs_the_samples_end_to_end(tmp_path: Path, processor: str) -> None
     order = json.loads((orders / "store-001" / "100123.json").read_text())
     assert order["items"]
     assert str(REPO) not in proc.stdout  # dev prints logs to stderr only
+    # The samples were stored encrypted, as SES with a KMS key stores them, and decrypted.
+    (backend,) = [json.loads(x) for x in proc.stderr.splitlines() if '"dev_backend"' in x]
+    assert backend["kms_key"] == "alias/mailflow-dev"

@@ -27,6 +27,8 @@ log = structlog.get_logger("mailflow.dev")
 
 REPO = Path(__file__).resolve().parents[3]
 EXAMPLES = REPO / "examples"
+#: The key `mailflow dev` stores mail under (created by provision, like SES's receipt rule key).
+DEV_KMS_KEY = "alias/mailflow-dev"
 
 
 def sample_route(examples: Path) -> tuple[Route, str]:
@@ -73,6 +75,9 @@ def run_dev(args: argparse.Namespace) -> int:
         shutdown_grace_s=10,
         health_file=REPO / "var" / "worker.health",
         log_format=os.environ.get("MAILFLOW_LOG_FORMAT", "console"),
+        # Stored the way a receipt rule with a KMS key stores mail, so the decrypting path runs
+        # too. MAILFLOW_KMS_KEY names another key; set it empty for unencrypted mail.
+        kms_key=os.environ.get("MAILFLOW_KMS_KEY", DEV_KMS_KEY) or None,
     )
     logs.configure(settings.log_format, settings.log_level)
     if kind == "python":
@@ -81,7 +86,12 @@ def run_dev(args: argparse.Namespace) -> int:
             using="examples/legacy/receive_mail.py",
             hint="apt-get install php-cli to run the PHP sample processor",
         )
-    log.info("dev_backend", endpoint=os.environ["AWS_ENDPOINT_URL"], orders_dir=str(orders))
+    log.info(
+        "dev_backend",
+        endpoint=os.environ["AWS_ENDPOINT_URL"],
+        orders_dir=str(orders),
+        kms_key=settings.kms_key or "(none: mail stored unencrypted)",
+    )
     try:
         return asyncio.run(_dev(settings, exit_when_done=args.exit_when_done))
     except KeyboardInterrupt:
