@@ -1,14 +1,16 @@
 // The worker service (CreateService/UpdateService input without name, cluster and task
-// definition, which ecspresso fills in). Rendered by ecspresso (`ecspresso render servicedef`).
-local mf = (import 'mailflow.libsonnet')(std.native('must_env'));
+// definition, which ecspresso fills in). Rendered by ecspresso (`ecspresso render servicedef`);
+// the network comes from the Terraform state (mailflow.libsonnet).
+local mf = (import 'mailflow.libsonnet')(std.native('must_env'), std.native('tfstate'));
 
 {
   launchType: 'FARGATE',
   platformVersion: 'LATEST',
   schedulingStrategy: 'REPLICA',
-  // Used when the service is created; afterwards Application Auto Scaling owns the count
-  // (see scalable-target.jsonnet) and `ecspresso deploy` leaves it alone.
-  desiredCount: mf.min_tasks,
+  // No desiredCount, on purpose: Application Auto Scaling owns the count (infra/terraform,
+  // ecs.tf). ecspresso sends a definition's desiredCount with every deploy unless --tasks is
+  // given, which would reset a scaled-out service to its minimum in the middle of a backlog.
+  // The first deploy creates the service with `ecspresso deploy --tasks 1` (docs/deploy.md).
   deploymentController: { type: 'ECS' },
   deploymentConfiguration: {
     // Start new tasks before stopping old ones: a deploy never lowers capacity.

@@ -1,7 +1,7 @@
 // The worker task: mailflow worker + the php-fpm sidecar that runs the legacy script.
 // RegisterTaskDefinition input, rendered by ecspresso (`ecspresso render taskdef`).
 local must_env = std.native('must_env');
-local mf = (import 'mailflow.libsonnet')(must_env);
+local mf = (import 'mailflow.libsonnet')(must_env, std.native('tfstate'));
 
 local env(o) = [{ name: k, value: std.toString(o[k]) } for k in std.objectFields(o)];
 local logs(prefix) = {
@@ -28,8 +28,8 @@ local routes = [
 
 {
   family: mf.worker_family,
-  taskRoleArn: mf.role_arn(mf.worker_task_role),
-  executionRoleArn: mf.role_arn(mf.execution_role),
+  taskRoleArn: mf.worker_task_role_arn,
+  executionRoleArn: mf.execution_role_arn,
   networkMode: 'awsvpc',  // one network namespace: the sidecar is the worker's 127.0.0.1
   requiresCompatibilities: ['FARGATE'],
   cpu: std.toString(mf.task_cpu),
@@ -75,12 +75,12 @@ local routes = [
         MAILFLOW_LOG_FORMAT: 'json',
         MAILFLOW_METRICS_NAMESPACE: mf.metrics_namespace,
         // What the legacy script may see besides the contract's own variables.
-        MAILFLOW_PASS_ENV: std.join(',', ['ORDERS_DIR'] + std.objectFields(mf.secret_parameters)),
+        MAILFLOW_PASS_ENV: std.join(',', ['ORDERS_DIR'] + std.objectFields(mf.secret_parameter_arns)),
         ORDERS_DIR: '/var/lib/legacy/orders',
       }),
       secrets: [
-        { name: name, valueFrom: mf.ssm_arn(mf.secret_parameters[name]) }
-        for name in std.objectFields(mf.secret_parameters)
+        { name: name, valueFrom: mf.secret_parameter_arns[name] }
+        for name in std.objectFields(mf.secret_parameter_arns)
       ],
       dependsOn: [{ containerName: 'php', condition: 'HEALTHY' }],
       // SIGTERM -> drain (MAILFLOW_SHUTDOWN_GRACE_S) -> exit; SIGKILL only after this.

@@ -2,12 +2,12 @@
 // (reconcile-schedule.jsonnet). No PHP sidecar: it never runs the legacy script.
 // Its own family and task role, because it needs rights the worker must not have
 // (copy/delete under the archive prefixes, re-enqueue).
-local mf = (import 'mailflow.libsonnet')(std.native('must_env'));
+local mf = (import 'mailflow.libsonnet')(std.native('must_env'), std.native('tfstate'));
 
 {
   family: mf.reconcile_family,
-  taskRoleArn: mf.role_arn(mf.reconcile_task_role),
-  executionRoleArn: mf.role_arn(mf.execution_role),
+  taskRoleArn: mf.reconcile_task_role_arn,
+  executionRoleArn: mf.execution_role_arn,
   networkMode: 'awsvpc',
   requiresCompatibilities: ['FARGATE'],
   cpu: '256',

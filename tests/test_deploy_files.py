@@ -1,8 +1,9 @@
 """The deploy files, checked without AWS and without a Docker engine.
 
 - Every jsonnet under ecspresso/ renders with the `_jsonnet` module, given ecspresso's native
-  functions (must_env, env, ...) or `std.extVar` values as fakes, and the result is validated
-  against the botocore model of the API call it is the input of.
+  functions (must_env, env, tfstate, ...) as fakes; the fake Terraform state holds exactly the
+  outputs infra/terraform declares (tests/test_terraform.py checks that side), and the result is
+  validated against the botocore model of the API call it is the input of.
 - Semantic checks tie the files to each other and to mailflow's own Settings.
 - Dockerfiles go through hadolint, docker-compose.yml through the compose-spec JSON schema.
 """
@@ -31,20 +32,46 @@ ECSPRESSO = REPO / "ecspresso"
 BIN = Path(sys.executable).parent
 
 REGION = "ap-northeast-1"
+SES_REGION = "us-east-1"
 ACCOUNT = "123456789012"
+# What changes per release: the only values ecspresso's definitions take from the environment.
 FAKE_ENV = {
-    "AWS_REGION": REGION,
-    "AWS_ACCOUNT_ID": ACCOUNT,
-    "ECS_CLUSTER": "orders-prod",
-    "MAILFLOW_SERVICE": "mailflow-worker",
-    "MAILFLOW_SUBNETS": "subnet-0aaa,subnet-0bbb",
-    "MAILFLOW_SECURITY_GROUPS": "sg-0ccc",
-    "MAILFLOW_WORKER_IMAGE": "fake-registry.invalid/mailflow:test-worker",
-    "MAILFLOW_PHP_IMAGE": "fake-registry.invalid/mailflow-php:test-php",
-    "MAILFLOW_BUCKET": "orders-mail-prod",
-    "MAILFLOW_QUEUE": "mailflow-inbound",
-    "MAILFLOW_TABLE": "mailflow-deliveries",
-    "MAILFLOW_ALARM_TOPIC_ARN": f"arn:aws:sns:{REGION}:{ACCOUNT}:ops-alerts",
+    "MAILFLOW_WORKER_IMAGE_TAG": "test-worker",
+    "MAILFLOW_PHP_IMAGE_TAG": "@sha256:" + "0" * 64,
+}
+ECR = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com"
+# The Terraform output `mailflow` (infra/terraform/modules/mailflow/outputs.tf), as the
+# tfstate plugin returns it: every key the module declares, with realistic values.
+TF_OUTPUT: dict[str, Any] = {
+    "region": REGION,
+    "receiving_region": SES_REGION,
+    "account_id": ACCOUNT,
+    "cluster": "orders-prod",
+    "service": "mailflow-worker",
+    "subnets": ["subnet-0aaa", "subnet-0bbb"],
+    "security_groups": ["sg-0ccc"],
+    "bucket": "orders-mail-prod",
+    "bucket_region": SES_REGION,
+    "incoming_prefix": "incoming/",
+    "queue": "mailflow-inbound",
+    "queue_url": f"https://sqs.{REGION}.amazonaws.com/{ACCOUNT}/mailflow-inbound",
+    "dlq": "mailflow-inbound-dlq",
+    "max_receive_count": 15,
+    "max_attempts": 5,
+    "table": "mailflow-deliveries",
+    "mail_kms_key_arn": f"arn:aws:kms:{SES_REGION}:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+    "log_group": "/ecs/mailflow",
+    "metrics_namespace": "mailflow",
+    "worker_family": "mailflow-worker",
+    "reconcile_family": "mailflow-reconcile",
+    "worker_task_role_arn": f"arn:aws:iam::{ACCOUNT}:role/mailflow-worker-task",
+    "reconcile_task_role_arn": f"arn:aws:iam::{ACCOUNT}:role/mailflow-reconcile-task",
+    "execution_role_arn": f"arn:aws:iam::{ACCOUNT}:role/mailflow-task-execution",
+    "worker_repository_url": f"{ECR}/mailflow-worker",
+    "php_repository_url": f"{ECR}/mailflow-php",
+    "secret_parameter_arns": {
+        "LEGACY_DB_PASSWORD": f"arn:aws:ssm:{REGION}:{ACCOUNT}:parameter/mailflow/legacy/db-password",
+    },
 }
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|KEY|CREDENTIAL", re.IGNORECASE)
 
@@ -58,8 +85,9 @@ class MissingEnvError(KeyError):
     pass
 
 
-def _natives(env: dict[str, str]) -> dict[str, Any]:
+def _natives(env: dict[str, str], outputs: dict[str, Any] | None = None) -> dict[str, Any]:
     """ecspresso's jsonnet native functions, with deterministic fakes."""
+    state = {"output.mailflow": TF_OUTPUT if outputs is None else outputs}
 
     def must_env(name: str) -> str:
         if name not in env:
@@ -72,8 +100,11 @@ def _natives(env: dict[str, str]) -> dict[str, Any]:
     def ssm(name: str, *_: Any) -> str:
         return f"fake-ssm-value-of:{name}"
 
-    def tfstate(address: str) -> str:
-        return f"fake-tfstate:{address}"
+    def tfstate(address: str) -> Any:
+        # As tfstate-lookup: an unknown address is an error, never a guess.
+        if address not in state:
+            raise MissingEnvError(f"{address} is not found in tfstate")
+        return state[address]
 
     return {
         "must_env": (("name",), must_env),
@@ -83,12 +114,13 @@ def _natives(env: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def render(path: Path, env: dict[str, str] | None = None) -> Any:
+def render(
+    path: Path, env: dict[str, str] | None = None, outputs: dict[str, Any] | None = None
+) -> Any:
     env = FAKE_ENV if env is None else env
     text = _jsonnet.evaluate_file(
         str(path),
-        native_callbacks=_natives(env),
-        ext_vars=env,
+        native_callbacks=_natives(env, outputs),
         jpathdir=[str(ECSPRESSO)],
     )
     return json.loads(text)
@@ -140,7 +172,7 @@ def reconcile_def():
 @pytest.fixture(scope="module")
 def mf():
     """The shared library itself, rendered: names and knobs the files are built from."""
-    snippet = "(import 'mailflow.libsonnet')(std.native('must_env'))"
+    snippet = "(import 'mailflow.libsonnet')(std.native('must_env'), std.native('tfstate'))"
     return json.loads(
         _jsonnet.evaluate_snippet(
             "mf", snippet, native_callbacks=_natives(FAKE_ENV), jpathdir=[str(ECSPRESSO)]
@@ -181,19 +213,40 @@ def test_every_jsonnet_file_renders(path):
 def test_a_missing_variable_stops_the_render(path):
     """Each variable a file uses is required: without it the render fails, naming it."""
     full = render(path)
-    needed = []
     for name in FAKE_ENV:
         env = {k: v for k, v in FAKE_ENV.items() if k != name}
         try:
             partial = render(path, env)
         except RuntimeError as exc:
-            error = str(exc)
+            assert name in str(exc)
         else:
             assert partial == full, f"{name} changes the output but has a silent fallback"
-            continue
-        assert name in error
-        needed.append(name)
-    assert needed, "every file takes at least its environment from must_env"
+
+
+@pytest.mark.parametrize("path", jsonnet_files(), ids=lambda p: str(p.relative_to(ECSPRESSO)))
+def test_a_missing_terraform_output_stops_the_render(path):
+    """A Terraform output the file uses is required: without it the render fails, naming it."""
+    full = render(path)
+    needed = []
+    for key in TF_OUTPUT:
+        try:
+            partial = render(path, outputs={k: v for k, v in TF_OUTPUT.items() if k != key})
+        except RuntimeError as exc:
+            assert key in str(exc)
+            needed.append(key)
+        else:
+            assert partial == full, key
+    assert needed, "every file takes its resources from the Terraform state"
+    with pytest.raises(RuntimeError, match=r"output\.mailflow is not found in tfstate"):
+        _jsonnet.evaluate_file(
+            str(path),
+            native_callbacks={**_natives(FAKE_ENV), "tfstate": (("address",), _no_state)},
+            jpathdir=[str(ECSPRESSO)],
+        )
+
+
+def _no_state(address: str) -> Any:
+    raise MissingEnvError(f"{address} is not found in tfstate")
 
 
 def test_task_definitions_are_valid_register_task_definition_requests(task_def, reconcile_def):
@@ -205,52 +258,11 @@ def test_service_definition_is_a_valid_create_service_request(service_def):
     # ecspresso fills these three in from ecspresso.yml and the registered task definition.
     params = {
         **service_def,
-        "serviceName": FAKE_ENV["MAILFLOW_SERVICE"],
-        "cluster": FAKE_ENV["ECS_CLUSTER"],
+        "serviceName": TF_OUTPUT["service"],
+        "cluster": TF_OUTPUT["cluster"],
         "taskDefinition": "mailflow-worker:1",
     }
     validate("ecs", "CreateService", params)
-
-
-def test_scaling_files_are_valid_application_autoscaling_requests():
-    validate(
-        "application-autoscaling",
-        "RegisterScalableTarget",
-        render(ECSPRESSO / "scalable-target.jsonnet"),
-    )
-    validate(
-        "application-autoscaling", "PutScalingPolicy", render(ECSPRESSO / "scaling-policy.jsonnet")
-    )
-
-
-def test_reconcile_schedule_is_a_valid_create_schedule_request():
-    validate("scheduler", "CreateSchedule", render(ECSPRESSO / "reconcile-schedule.jsonnet"))
-
-
-def test_alarms_and_dashboard_are_valid_cloudwatch_requests():
-    alarms = render(ECSPRESSO / "alarms.jsonnet")
-    assert len(alarms) >= 4
-    for filename, alarm in alarms.items():
-        assert filename == f"{alarm['AlarmName']}.json"
-        validate("cloudwatch", "PutMetricAlarm", alarm)
-    validate("cloudwatch", "PutDashboard", render(ECSPRESSO / "dashboard.jsonnet"))
-
-
-@pytest.mark.parametrize(
-    "path", sorted((ECSPRESSO / "iam").glob("*.jsonnet")), ids=lambda p: p.name
-)
-def test_iam_policies_are_valid_put_role_policy_requests(path):
-    request = render(path)
-    validate("iam", "PutRolePolicy", request)
-    document = json.loads(request["PolicyDocument"])
-    assert document["Version"] == "2012-10-17"
-    for statement in document["Statement"]:
-        assert statement["Effect"] == "Allow"
-        for action in statement["Action"]:
-            assert "*" not in action, f"{path.name}: wildcard action {action}"
-        if statement["Resource"] == ["*"]:
-            # Only actions that have no resource-level permissions may use "*".
-            assert statement["Action"] == ["ecr:GetAuthorizationToken"], statement
 
 
 # --- the task definition, semantically -----------------------------------------------------
@@ -314,25 +326,29 @@ def test_sidecar_pool_and_allow_list_fit_the_worker(task_def, monkeypatch):
 
 def test_worker_settings_are_valid_and_consistent(task_def, monkeypatch):
     settings = settings_from(env_of(container(task_def, "worker")), monkeypatch)
-    assert settings.bucket == FAKE_ENV["MAILFLOW_BUCKET"]
-    assert settings.allowed_buckets == (FAKE_ENV["MAILFLOW_BUCKET"],)
-    assert settings.queue == FAKE_ENV["MAILFLOW_QUEUE"]
-    assert settings.table == FAKE_ENV["MAILFLOW_TABLE"]
+    assert settings.bucket == TF_OUTPUT["bucket"]
+    assert settings.allowed_buckets == (TF_OUTPUT["bucket"],)
+    assert settings.queue == TF_OUTPUT["queue"]
+    assert settings.dlq == TF_OUTPUT["dlq"]
+    assert settings.table == TF_OUTPUT["table"]
+    assert settings.incoming_prefix == TF_OUTPUT["incoming_prefix"]
     assert settings.log_format == "json"
-    # Every receive counts, deferrals too: the redrive threshold keeps a wide margin.
+    # The worker's attempt limit is the one Terraform derived the queue's redrive from.
+    assert settings.max_attempts == TF_OUTPUT["max_attempts"]
     assert settings.max_receive_count >= 3 * settings.max_attempts
     assert settings.routes
     for route in settings.routes:
         assert route.match.startswith("ne-")
 
 
-def test_images_come_from_the_environment(task_def, reconcile_def):
-    images = {FAKE_ENV["MAILFLOW_WORKER_IMAGE"], FAKE_ENV["MAILFLOW_PHP_IMAGE"]}
+def test_images_are_the_terraform_repositories_at_the_release_tags(task_def, reconcile_def):
+    worker_image = f"{TF_OUTPUT['worker_repository_url']}:test-worker"
+    php_image = TF_OUTPUT["php_repository_url"] + FAKE_ENV["MAILFLOW_PHP_IMAGE_TAG"]  # digest
     for task in (task_def, reconcile_def):
         for c in task["containerDefinitions"]:
-            assert c["image"] in images, c["name"]
-    assert container(task_def, "worker")["image"] == FAKE_ENV["MAILFLOW_WORKER_IMAGE"]
-    assert container(task_def, "php")["image"] == FAKE_ENV["MAILFLOW_PHP_IMAGE"]
+            assert c["image"] in {worker_image, php_image}, c["name"]
+    assert container(task_def, "worker")["image"] == worker_image
+    assert container(task_def, "php")["image"] == php_image
     registry = re.compile(r"dkr\.ecr\.|docker\.io|ghcr\.io|public\.ecr\.aws|quay\.io|:latest\b")
     for path in jsonnet_files():
         assert not registry.search(path.read_text(encoding="utf-8")), path
@@ -344,7 +360,7 @@ def test_no_secret_in_plain_environment(task_def, reconcile_def):
             for name in env_of(c):
                 assert not SECRET_NAME.search(name), f"{c['name']}: {name} belongs in secrets"
             for secret in c.get("secrets", []):
-                assert secret["valueFrom"].startswith(f"arn:aws:ssm:{REGION}:{ACCOUNT}:parameter/")
+                assert secret["valueFrom"] == TF_OUTPUT["secret_parameter_arns"][secret["name"]]
     worker = container(task_def, "worker")
     passed_on = set(env_of(worker)["MAILFLOW_PASS_ENV"].split(","))
     assert {s["name"] for s in worker["secrets"]} <= passed_on  # the legacy script needs them
@@ -425,7 +441,7 @@ def test_reconciler_runs_the_worker_image_without_the_sidecar(reconcile_def, tas
     assert reconcile_def["taskRoleArn"] != task_def["taskRoleArn"]
 
 
-# --- service, scaling, schedule, alarms ----------------------------------------------------
+# --- service -------------------------------------------------------------------------------
 
 
 def test_service_never_drops_capacity_on_deploy(service_def, mf):
@@ -434,148 +450,15 @@ def test_service_never_drops_capacity_on_deploy(service_def, mf):
     assert deployment["minimumHealthyPercent"] >= 100
     assert deployment["deploymentCircuitBreaker"] == {"enable": True, "rollback": True}
     vpc = service_def["networkConfiguration"]["awsvpcConfiguration"]
-    assert vpc["subnets"] == FAKE_ENV["MAILFLOW_SUBNETS"].split(",")
+    assert vpc["subnets"] == TF_OUTPUT["subnets"]
+    assert vpc["securityGroups"] == TF_OUTPUT["security_groups"]
     assert vpc["assignPublicIp"] == "DISABLED"
-    assert service_def["desiredCount"] == mf["min_tasks"]
 
 
-def test_scaling_tracks_backlog_per_task(mf):
-    target = render(ECSPRESSO / "scalable-target.jsonnet")
-    policy = render(ECSPRESSO / "scaling-policy.jsonnet")
-    resource = f"service/{FAKE_ENV['ECS_CLUSTER']}/{FAKE_ENV['MAILFLOW_SERVICE']}"
-    assert target["ResourceId"] == policy["ResourceId"] == resource
-    assert target["MinCapacity"] >= 1  # the expression divides by the running task count
-    config = policy["TargetTrackingScalingPolicyConfiguration"]
-    assert config["TargetValue"] == (
-        mf["acceptable_latency_s"] / mf["mean_processing_s"] * mf["concurrency"]
-    )
-    by_id = {m["Id"]: m for m in config["CustomizedMetricSpecification"]["Metrics"]}
-    [result] = [m for m in by_id.values() if m["ReturnData"]]
-    assert result["Expression"] == "visible / tasks"
-    visible = by_id["visible"]["MetricStat"]["Metric"]
-    assert visible["Namespace"] == "AWS/SQS"
-    assert visible["MetricName"] == "ApproximateNumberOfMessagesVisible"
-    assert visible["Dimensions"] == [{"Name": "QueueName", "Value": FAKE_ENV["MAILFLOW_QUEUE"]}]
-    tasks = by_id["tasks"]["MetricStat"]["Metric"]
-    assert (tasks["Namespace"], tasks["MetricName"]) == (
-        "ECS/ContainerInsights",
-        "RunningTaskCount",
-    )
-    assert {d["Name"]: d["Value"] for d in tasks["Dimensions"]} == {
-        "ClusterName": FAKE_ENV["ECS_CLUSTER"],
-        "ServiceName": FAKE_ENV["MAILFLOW_SERVICE"],
-    }
-    assert config["ScaleInCooldown"] >= config["ScaleOutCooldown"]
-
-
-def test_schedule_runs_the_reconcile_task_in_the_service_network(reconcile_def, service_def):
-    schedule = render(ECSPRESSO / "reconcile-schedule.jsonnet")
-    ecs = schedule["Target"]["EcsParameters"]
-    family = ecs["TaskDefinitionArn"].rsplit("/", 1)[1]
-    assert family == reconcile_def["family"]  # no revision: the latest ACTIVE one
-    assert schedule["Target"]["Arn"].endswith(f":cluster/{FAKE_ENV['ECS_CLUSTER']}")
-    vpc = ecs["NetworkConfiguration"]["awsvpcConfiguration"]
-    service_vpc = service_def["networkConfiguration"]["awsvpcConfiguration"]
-    assert vpc["Subnets"] == service_vpc["subnets"]
-    assert vpc["SecurityGroups"] == service_vpc["securityGroups"]
-    assert schedule["ScheduleExpression"].startswith(("rate(", "cron("))
-
-
-def test_alarms_watch_the_right_things(task_def, monkeypatch):
-    settings = settings_from(env_of(container(task_def, "worker")), monkeypatch)
-    alarms = {a["AlarmName"]: a for a in render(ECSPRESSO / "alarms.jsonnet").values()}
-    for alarm in alarms.values():
-        assert alarm["AlarmActions"] == [FAKE_ENV["MAILFLOW_ALARM_TOPIC_ARN"]]
-
-    dlq = alarms["mailflow-dlq-not-empty"]
-    assert dlq["Dimensions"] == [{"Name": "QueueName", "Value": settings.dlq}]
-    assert (dlq["Threshold"], dlq["ComparisonOperator"]) == (0, "GreaterThanThreshold")
-
-    age = alarms["mailflow-oldest-message-age"]
-    assert age["MetricName"] == "ApproximateAgeOfOldestMessage"
-    assert age["Dimensions"] == [{"Name": "QueueName", "Value": settings.queue}]
-
-    # The failure rate is computed from the worker's own EMF metric: same namespace, name
-    # and dimension as metrics.emf() writes.
-    emitted = metrics.emf(
-        settings.metrics_namespace,
-        route="store",
-        status="failed",
-        attempt=1,
-        processor_ms=1.0,
-        queue_lag_ms=1.0,
-        now_ms=0,
-    )["_aws"]["CloudWatchMetrics"][0]
-    rate = alarms["mailflow-failure-rate"]
-    stats = [m["MetricStat"]["Metric"] for m in rate["Metrics"] if "MetricStat" in m]
-    for metric in stats:
-        assert metric["Namespace"] == emitted["Namespace"]
-        assert metric["MetricName"] in {m["Name"] for m in emitted["Metrics"]}
-        assert [[d["Name"] for d in metric["Dimensions"]]] in [[d] for d in emitted["Dimensions"]]
-    assert {m["Dimensions"][0]["Value"] for m in stats} == {"failed", "succeeded"}
-
-    heartbeat = alarms["mailflow-no-healthy-worker"]
-    assert heartbeat["TreatMissingData"] == "breaching"
-
-
-def test_dashboard_metrics_are_well_formed():
-    dashboard = render(ECSPRESSO / "dashboard.jsonnet")
-    body = json.loads(dashboard["DashboardBody"])
-    for widget in body["widgets"]:
-        ids = set()
-        for line in widget["properties"]["metrics"]:
-            options = line[-1]
-            assert isinstance(options, dict)
-            assert all(isinstance(part, str) for part in line[:-1])
-            if "expression" in options:
-                used = set(re.findall(r"[a-z][a-zA-Z0-9_]*", options["expression"]))
-                assert used <= ids, (options, ids)
-            else:
-                assert len(line) % 2 == 1  # namespace, name, then dimension name/value pairs
-            if "id" in options:
-                ids.add(options["id"])
-
-
-def test_worker_role_is_least_privilege(mf):
-    doc = json.loads(
-        render(ECSPRESSO / "iam" / "worker-task-role-policy.jsonnet")["PolicyDocument"]
-    )
-    actions = {a for s in doc["Statement"] for a in s["Action"]}
-    assert not any(a.startswith("sns:") for a in actions), "only the SES emulator publishes"
-    assert not {"s3:PutObject", "s3:DeleteObject", "dynamodb:DeleteItem", "dynamodb:Scan"} & actions
-    assert {
-        "sqs:ReceiveMessage",
-        "sqs:DeleteMessage",
-        "sqs:ChangeMessageVisibility",
-        "s3:GetObject",
-        "dynamodb:UpdateItem",
-    } <= actions
-    resources = {r for s in doc["Statement"] for r in s["Resource"]}
-    assert resources == {
-        mf["queue_arn"],
-        mf["dlq_arn"],
-        f"{mf['bucket_arn']}/incoming/*",
-        mf["bucket_arn"],
-        mf["table_arn"],
-    }
-    [send] = [s for s in doc["Statement"] if "sqs:SendMessage" in s["Action"]]
-    assert send["Resource"] == [mf["dlq_arn"]]
-
-
-def test_reconciler_role_writes_only_archives(mf):
-    doc = json.loads(
-        render(ECSPRESSO / "iam" / "reconcile-task-role-policy.jsonnet")["PolicyDocument"],
-    )
-    for statement in doc["Statement"]:
-        if "s3:PutObject" in statement["Action"]:
-            assert statement["Resource"] == [
-                f"{mf['bucket_arn']}/{p}*" for p in ("processed/", "failed/", "quarantine/")
-            ]
-        if "s3:DeleteObject" in statement["Action"]:
-            assert statement["Resource"] == [f"{mf['bucket_arn']}/incoming/*"]
-    actions = {a for s in doc["Statement"] for a in s["Action"]}
-    assert "sqs:ReceiveMessage" not in actions
-    assert "sqs:DeleteMessage" not in actions
+def test_service_leaves_the_count_to_auto_scaling(service_def):
+    """ecspresso's calcDesiredCount sends a definition's desiredCount with every deploy unless
+    --tasks is given: any value here would reset a scaled-out service to it mid-backlog."""
+    assert "desiredCount" not in service_def
 
 
 # --- ecspresso configs ----------------------------------------------------------------------
@@ -590,6 +473,12 @@ def test_ecspresso_configs_take_where_from_the_environment(name):
         assert config["service"] == "{{ must_env `MAILFLOW_SERVICE` }}"
     for key in ("task_definition", "service_definition"):
         assert (ECSPRESSO / config[key]).is_file(), config[key]
+    # ecspresso v3 changed behaviour: the files are checked against v2 only.
+    assert config["required_version"] == ">= 2.4.0, < 3.0.0"
+    # Everything else comes from the Terraform state of infra/terraform.
+    assert config["plugins"] == [
+        {"name": "tfstate", "config": {"url": "{{ must_env `MAILFLOW_TFSTATE_URL` }}"}},
+    ]
 
 
 # --- Dockerfiles ------------------------------------------------------------------------------

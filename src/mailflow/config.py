@@ -27,6 +27,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from mailflow.aws import shapes
+
 MIB = 1024 * 1024
 
 #: Placeholders every route template may use, besides the route's own named groups.
@@ -141,14 +143,14 @@ class Settings(BaseSettings):
 
     # --- resources --------------------------------------------------------------------------
     bucket: str = "mailflow-mail"
-    incoming_prefix: str = "incoming/"
+    incoming_prefix: str = shapes.INCOMING_PREFIX
     allowed_buckets: Annotated[tuple[str, ...], NoDecode] = ()
     topic: str = "mailflow-inbound"
     queue: str = "mailflow-inbound"
     table: str = "mailflow-deliveries"
-    processed_prefix: str = "processed/"
-    failed_prefix: str = "failed/"
-    quarantine_prefix: str = "quarantine/"
+    processed_prefix: str = shapes.PROCESSED_PREFIX
+    failed_prefix: str = shapes.FAILED_PREFIX
+    quarantine_prefix: str = shapes.QUARANTINE_PREFIX
     archive_bucket: str | None = None
     #: Where SES receives: the bucket, its topic and the KMS key live there; S3, SNS and KMS
     #: clients are made for it. None: the process's own region (AWS_DEFAULT_REGION).
@@ -166,10 +168,10 @@ class Settings(BaseSettings):
     # --- worker -----------------------------------------------------------------------------
     concurrency: Annotated[int, Field(ge=1, le=1024)] = 8
     prefetch: Annotated[int, Field(ge=0, le=1024)] | None = None
-    visibility_timeout_s: Annotated[int, Field(ge=1, le=43200)] = 60
+    visibility_timeout_s: Annotated[int, Field(ge=1, le=43200)] = shapes.VISIBILITY_TIMEOUT_S
     lease_s: Annotated[float, Field(gt=0, le=43200)] = 60.0
     heartbeat_s: Annotated[float, Field(gt=0)] | None = None
-    wait_time_s: Annotated[int, Field(ge=0, le=20)] = 20
+    wait_time_s: Annotated[int, Field(ge=0, le=20)] = shapes.WAIT_TIME_S
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 5
     retry_base_s: Annotated[float, Field(ge=0)] = 30.0
     retry_max_s: Annotated[float, Field(ge=0, le=43200)] = 3600.0
@@ -331,12 +333,12 @@ class Settings(BaseSettings):
     def dlq(self) -> str:
         """The DLQ's name (or URL): the queue's, plus `-dlq`."""
         # A queue URL + "-dlq" is the DLQ's URL too: SQS URLs end in the queue name.
-        return f"{self.queue}-dlq"
+        return shapes.dlq_name(self.queue)
 
     @property
     def max_receive_count(self) -> int:
         """SQS redrive threshold. Every receive counts, deferrals included: keep a wide margin."""
-        return max(10, 3 * self.max_attempts)
+        return shapes.max_receive_count(self.max_attempts)
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -27,9 +27,9 @@ from typing import Any
 from mailflow import aws
 from mailflow.aws import ConditionFailedError
 from mailflow.aws.expressions import Update, attribute_value, deserialize, serialize
+from mailflow.aws.shapes import ATTENTION_INDEX
 from mailflow.errors import LeaseLostError
 
-ATTENTION_INDEX = "attention"
 HISTORY_TAIL_CHARS = 512
 
 

@@ -2,7 +2,8 @@
 
 Idempotent: every step checks or tolerates "already exists", so running it twice (or from
 two containers at once in `docker compose up`) is fine. In production these resources
-usually come from infrastructure code; this keeps dev, tests and LocalStack one command away.
+come from infra/terraform; both take every name and shape the code relies on from
+mailflow.aws.shapes. This keeps dev, tests and LocalStack one command away.
 """
 
 from __future__ import annotations
@@ -13,14 +14,13 @@ from typing import Any
 import structlog
 
 from mailflow import aws
-from mailflow.aws import AwsClients, AwsPermanentError
+from mailflow.aws import AwsClients, AwsPermanentError, shapes
 from mailflow.aws.envelope import describe_key_arn, key_region
-from mailflow.aws.ledger import ATTENTION_INDEX
 from mailflow.config import Settings
 
 log = structlog.get_logger("mailflow.dev.provision")
 
-DLQ_RETENTION_S = 14 * 24 * 3600
+DLQ_RETENTION_S = shapes.QUEUE_RETENTION_S
 
 
 async def provision(clients: AwsClients, settings: Settings) -> dict[str, str]:
@@ -171,21 +171,19 @@ async def _table(clients: AwsClients, name: str) -> str:
             TableName=name,
             BillingMode="PAY_PER_REQUEST",
             AttributeDefinitions=[
-                {"AttributeName": "mail_id", "AttributeType": "S"},
-                {"AttributeName": "recipient", "AttributeType": "S"},
-                {"AttributeName": "attn", "AttributeType": "S"},
-                {"AttributeName": "attn_at", "AttributeType": "N"},
+                {"AttributeName": name, "AttributeType": kind}
+                for name, kind in shapes.KEY_TYPES.items()
             ],
             KeySchema=[
-                {"AttributeName": "mail_id", "KeyType": "HASH"},
-                {"AttributeName": "recipient", "KeyType": "RANGE"},
+                {"AttributeName": shapes.HASH_KEY, "KeyType": "HASH"},
+                {"AttributeName": shapes.RANGE_KEY, "KeyType": "RANGE"},
             ],
             GlobalSecondaryIndexes=[
                 {
-                    "IndexName": ATTENTION_INDEX,
+                    "IndexName": shapes.ATTENTION_INDEX,
                     "KeySchema": [
-                        {"AttributeName": "attn", "KeyType": "HASH"},
-                        {"AttributeName": "attn_at", "KeyType": "RANGE"},
+                        {"AttributeName": shapes.ATTENTION_HASH_KEY, "KeyType": "HASH"},
+                        {"AttributeName": shapes.ATTENTION_RANGE_KEY, "KeyType": "RANGE"},
                     ],
                     "Projection": {"ProjectionType": "ALL"},
                 },
@@ -202,7 +200,7 @@ async def _table(clients: AwsClients, name: str) -> str:
             "ddb.UpdateTimeToLive",
             clients.dynamodb.update_time_to_live,
             TableName=name,
-            TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires_at"},
+            TimeToLiveSpecification={"Enabled": True, "AttributeName": shapes.TTL_ATTRIBUTE},
         )
     except AwsPermanentError as exc:  # already enabled, or a backend without TTL
         log.info("ttl_not_set", error=str(exc))

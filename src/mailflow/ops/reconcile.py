@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from mailflow.aws import AwsClients
+from mailflow.aws import AwsClients, shapes
 from mailflow.aws.ledger import DeliveryKey, Ledger, Status, history_entry
 from mailflow.aws.queue import Queue
 from mailflow.aws.store import Listed, Location, head, list_objects, read_prefix
@@ -322,7 +322,7 @@ class Reconciler:
             fields = {
                 "reason": "object_missing",
                 "detail": f"{where.url} not found",
-                "expires_at": self.settings.expires_at(now),
+                shapes.TTL_ATTRIBUTE: self.settings.expires_at(now),
             }
             failed = await self.ledger.fail_stale(
                 key, expect=status, seen_requeues=seen, fields=fields, entry=entry
@@ -444,7 +444,7 @@ class Reconciler:
                 "outcome": Status.FAILED.value,
                 "reason": "orphan_no_recipient",
                 "detail": detail,
-                "expires_at": expires_at,
+                shapes.TTL_ATTRIBUTE: expires_at,
             },
         )
         log.warning("orphan_without_recipient", mail_id=mail_id, key=where.key)

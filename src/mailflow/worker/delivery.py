@@ -19,6 +19,7 @@ from typing import Any
 
 import structlog
 
+from mailflow.aws import shapes
 from mailflow.aws.envelope import DecryptError
 from mailflow.aws.ledger import Busy, Claimed, DeliveryKey, Ledger, Status, history_entry
 from mailflow.aws.store import KeyRing, spooled
@@ -158,7 +159,7 @@ class Deliverer:
             "subject": ref.subject[:998],  # from SES's commonHeaders: the mail is not fetched
             "reason": reason,
             "detail": detail,
-            "expires_at": self.settings.expires_at(self._clock()),
+            shapes.TTL_ATTRIBUTE: self.settings.expires_at(self._clock()),
         }
         created = await self.ledger.record_without_claim(key, Status.FAILED, fields)
         self._log_outcome(
@@ -331,7 +332,7 @@ class Deliverer:
         if status is not Status.RETRYING:
             fields["outcome"] = status.value
             fields["next_attempt_at"] = None
-            fields["expires_at"] = self.settings.expires_at(finished)
+            fields[shapes.TTL_ATTRIBUTE] = self.settings.expires_at(finished)
         if result is not None:
             fields["exit_code"] = result.exit_code
             fields["signal"] = result.signal
