@@ -4,9 +4,12 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 S3EC    := .venv-s3ec/.installed
+# checkov pins boto3/botocore versions that clash with aioboto3's: a venv of its own.
+CHECKOV_VENV  ?= .venv-checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 LINTED  := src tests examples $(wildcard bench)
 
-.PHONY: run test lint typecheck unit chaos bench clean
+.PHONY: run test lint typecheck unit chaos bench clean terraform-shapes
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m venv $(VENV)
@@ -22,13 +25,23 @@ $(S3EC): tests/compat/requirements-s3ec.txt
 	.venv-s3ec/bin/pip install --quiet --no-deps -r tests/compat/requirements-s3ec.txt
 	touch $(S3EC)
 
+$(CHECKOV_STAMP): requirements-checkov.lock
+	$(PY) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet --upgrade pip
+	$(CHECKOV_VENV)/bin/pip install --quiet -r requirements-checkov.lock
+	touch $(CHECKOV_STAMP)
+
+## terraform-shapes: regenerate the Terraform module's copy of mailflow.aws.shapes
+terraform-shapes: $(STAMP)
+	$(BIN)/python -c "from pathlib import Path; from mailflow.aws import shapes; shapes.write_terraform_locals(Path('infra/terraform/modules/mailflow/shapes.tf.json'))"
+
 ## run: the embedded default: moto server, provision, worker, sample mails (Ctrl-C stops)
 run: $(STAMP)
 	$(BIN)/mailflow dev
 
 ## test: lint, type check, and the whole test suite
-test: $(STAMP) $(S3EC) lint typecheck
-	$(BIN)/pytest -q -p no:cacheprovider
+test: $(STAMP) $(S3EC) $(CHECKOV_STAMP) lint typecheck
+	MAILFLOW_CHECKOV=$(CHECKOV_VENV)/bin/checkov $(BIN)/pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
@@ -46,4 +59,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) .venv-s3ec var .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-s3ec $(CHECKOV_VENV) var .pytest_cache .mypy_cache .ruff_cache
