@@ -57,6 +57,8 @@ local routes = [
         AWS_DEFAULT_REGION: mf.region,
         MAILFLOW_BUCKET: mf.bucket,
         MAILFLOW_ALLOWED_BUCKETS: mf.bucket,
+        MAILFLOW_MAIL_REGION: mf.mail_region,
+        MAILFLOW_KMS_KEY: mf.mail_kms_key_arn,
         MAILFLOW_QUEUE: mf.queue,
         MAILFLOW_TABLE: mf.table,
         MAILFLOW_INCOMING_PREFIX: mf.incoming_prefix,

@@ -26,6 +26,10 @@ function(must_env, tfstate) {
 
   // --- resources (Terraform; their names and shapes come from mailflow.aws.shapes) ----------
   bucket: tf.bucket,
+  // SES receives in another region than the one the workers run in: the bucket and the key
+  // that SES encrypts each mail with live there (MAILFLOW_MAIL_REGION, MAILFLOW_KMS_KEY).
+  mail_region: tf.bucket_region,
+  mail_kms_key_arn: tf.mail_kms_key_arn,
   queue: tf.queue,
   dlq: tf.dlq,
   table: tf.table,

@@ -337,6 +337,9 @@ def test_worker_settings_are_valid_and_consistent(task_def, monkeypatch):
     assert settings.dlq == TF_OUTPUT["dlq"]
     assert settings.table == TF_OUTPUT["table"]
     assert settings.incoming_prefix == TF_OUTPUT["incoming_prefix"]
+    # Two regions: S3 and KMS calls go to where SES stored and encrypted the mail.
+    assert settings.mail_region == TF_OUTPUT["bucket_region"] == SES_REGION
+    assert settings.kms_key == TF_OUTPUT["mail_kms_key_arn"]
     assert settings.log_format == "json"
     # The worker's attempt limit is the one Terraform derived the queue's redrive from.
     assert settings.max_attempts == TF_OUTPUT["max_attempts"]
@@ -362,7 +365,9 @@ def test_images_are_the_terraform_repositories_at_the_release_tags(task_def, rec
 def test_no_secret_in_plain_environment(task_def, reconcile_def):
     for task in (task_def, reconcile_def):
         for c in task["containerDefinitions"]:
-            for name in env_of(c):
+            for name, value in env_of(c).items():
+                if value.startswith("arn:aws:kms:"):
+                    continue  # a key's ARN names the key; it is not key material
                 assert not SECRET_NAME.search(name), f"{c['name']}: {name} belongs in secrets"
             for secret in c.get("secrets", []):
                 assert secret["valueFrom"] == TF_OUTPUT["secret_parameter_arns"][secret["name"]]
