@@ -29,6 +29,13 @@ SES_VERDICTS = ("spamVerdict", "virusVerdict", "spfVerdict", "dkimVerdict", "dma
 
 @dataclass(frozen=True, slots=True)
 class MailRef:
+    """One received mail as the notification names it: where SES stored it and who it is for.
+
+    `recipients` are lower-cased, stripped and de-duplicated in order (one delivery each);
+    `received_at_s` is epoch seconds, None when the notification carried no readable timestamp;
+    `verdicts` maps `spam`/`virus`/`spf`/`dkim`/`dmarc` to SES's status; `synthetic` is the
+    reconciler's reason when the reconciler, not SES, sent it."""
+
     mail_id: str
     bucket: str
     key: str
@@ -63,6 +70,12 @@ def _timestamp_s(value: Any) -> float | None:
 
 
 def parse_body(body: str) -> MailRef:
+    """Parse one SQS message body (SNS envelope or raw notification) into a `MailRef`.
+
+    Pure and total: any body that is not an SES `Received` notification with an S3 action, or
+    that could not be stored in the ledger, raises `BadNotificationError` with a short machine
+    `reason` (the worker dead-letters the message with it); nothing else is raised. It does not
+    check that the object is ours: call `check_trusted` on the result."""
     if len(body) > MAX_BODY_CHARS:
         raise BadNotificationError("too_large", f"body of {len(body)} chars")
     try:
@@ -89,6 +102,9 @@ def parse_body(body: str) -> MailRef:
 
 
 def parse_ses_notification(doc: dict[str, Any]) -> MailRef:
+    """Parse an already decoded SES notification (the document inside the SNS envelope).
+
+    Raises `BadNotificationError` as `parse_body` does."""
     kind = doc.get("notificationType") or doc.get("eventType")
     if kind != "Received":
         raise BadNotificationError("not_ses_received", f"notificationType={str(kind)[:64]}")

@@ -58,6 +58,11 @@ _RECEIVED_FOR = re.compile(r"\bfor\s+<?([^\s<>;@]+@[^\s<>;]+?)>?(?=[\s;]|$)", re
 
 @dataclass(frozen=True, slots=True)
 class MailSummary:
+    """Decoded header fields of one mail, for operators and the delivery record.
+
+    Every field is text safe to show (controls and bidi overrides removed, at most
+    MAX_FIELD_CHARS); an absent header is "". `defects` says in words what could not be read."""
+
     from_: str
     to: str
     subject: str
