@@ -262,6 +262,35 @@ def test_parse_decrypts_a_stored_object_and_refuses_a_tampered_one(kenv: Env) ->
     assert DECRYPT_TAG_MISMATCH in failed.stderr
 
 
+def test_encrypted_orphan_is_recovered_from_its_decrypted_header(kenv: Env) -> None:
+    """SES stored it encrypted, its notification was lost: the orphan scan reads the header."""
+    require_binary("php")
+    from conftest import SIMPLE_MAIL  # noqa: PLC0415
+    from test_reconcile import reconcile  # noqa: PLC0415
+
+    mail_id = ses.new_message_id()
+    key = f"{kenv.settings.incoming_prefix}{mail_id}"
+    stored = ses.ses_headers(mail_id, "shop@example.com", [RCPT], datetime.now(UTC)) + SIMPLE_MAIL
+
+    async def scenario() -> list[dict[str, Any]]:
+        async with open_clients() as clients:
+            body, meta = await ses.encrypt_as_ses(
+                clients, str(kenv.settings.kms_key), mail_id, stored
+            )
+            await clients.s3.put_object(
+                Bucket=kenv.settings.bucket, Key=key, Body=body, Metadata=meta
+            )
+            report = await reconcile(kenv, clients)
+            (act,) = [a for a in report.actions if a.phase == "orphans"]
+            assert (act.what, act.result, act.recipient) == ("recovered", "done", RCPT)
+            await run_worker_until(kenv.settings, clients, all_terminal(kenv, [mail_id]))
+            return await kenv.records(clients, mail_id)
+
+    (rec,) = asyncio.run(scenario())
+    assert (rec["status"], rec["reason"]) == ("succeeded", "ok")
+    assert stdin_seen(kenv, mail_id) == stored
+
+
 # --- memory: 16 encrypted 40 MiB mails at once -------------------------------------------------
 
 #: `make bench`'s peak-RSS target, 16 concurrent 40 MiB mails (bench/report.py).

@@ -31,6 +31,7 @@ from mailflow.aws.envelope import (
     Envelope,
     GcmStream,
     check_length,
+    decrypt_prefix,
     envelope_metadata,
     is_encrypted,
     key_region,
@@ -258,8 +259,17 @@ async def list_objects(
         kwargs["ContinuationToken"] = resp["NextContinuationToken"]
 
 
-async def read_prefix(s3: Any, where: Location, size_bytes: int) -> bytes:
-    """The first `size_bytes` of an object (a ranged GET): enough for its header block."""
+async def read_prefix(
+    s3: Any,
+    where: Location,
+    size_bytes: int,
+    keys: KeyRing | None = None,
+) -> bytes:
+    """The first `size_bytes` of the mail (a ranged GET): enough for its header block.
+
+    An encrypted object's prefix is decrypted with `keys`, unauthenticated (see
+    `decrypt_prefix`): good for finding recipients, never fed to a processor.
+    """
     resp = await aws.call(
         "s3.GetObject",
         s3.get_object,
@@ -269,11 +279,20 @@ async def read_prefix(s3: Any, where: Location, size_bytes: int) -> bytes:
     )
     body = resp["Body"]
     try:
-        return bytes(await body.read())
+        data = bytes(await body.read())
     except Exception as exc:  # a broken stream mid-body is a transient fault, like a 5xx
         raise aws.map_error("s3.GetObject.read", exc) from exc
     finally:
         body.close()
+    envelope = parse_envelope(resp.get("Metadata") or {})
+    if envelope is None:
+        return data
+    if keys is None:
+        raise DecryptError(DECRYPT_UNSUPPORTED, "encrypted, and no KMS access configured")
+    total = str(resp.get("ContentRange", "")).rpartition("/")[2]
+    if total.isdigit():  # a short mail: the range reached its tag, which is not plaintext
+        data = data[: max(0, int(total) - TAG_BYTES)]
+    return decrypt_prefix(await keys.data_key(envelope), envelope.iv, data)
 
 
 async def sha256_b64(s3: Any, where: Location) -> str:

@@ -34,7 +34,7 @@ import structlog
 from mailflow.aws import AwsClients, shapes
 from mailflow.aws.ledger import DeliveryKey, Ledger, Status, history_entry
 from mailflow.aws.queue import Queue
-from mailflow.aws.store import Listed, Location, head, list_objects, read_prefix
+from mailflow.aws.store import KeyRing, Listed, Location, head, list_objects, read_prefix
 from mailflow.config import Settings
 from mailflow.errors import MailflowError
 from mailflow.mail.notification import synthetic_notification
@@ -375,7 +375,10 @@ class Reconciler:
     async def _orphan_one(self, obj: Listed) -> Action:
         where = Location(self.settings.bucket, obj.key)
         mail_id = where.key.removeprefix(self.settings.incoming_prefix)
-        head_bytes = split_head(await read_prefix(self.clients.s3, where, HEAD_BUDGET_BYTES))
+        keys = KeyRing(self.clients.kms_in, self.settings.kms_key)  # SES may have encrypted it
+        head_bytes = split_head(
+            await read_prefix(self.clients.s3, where, HEAD_BUDGET_BYTES, keys),
+        )
         recipients, found_in = orphan_recipients(head_bytes, self.settings)
         sender, verdicts = orphan_envelope(head_bytes)
         received_at = obj.modified_at
