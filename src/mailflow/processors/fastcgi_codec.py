@@ -48,6 +48,8 @@ class FastCGIProtocolError(TransientError):
 
 
 class RecordType(enum.IntEnum):
+    """FastCGI record types (the spec's FCGI_* type numbers)."""
+
     BEGIN_REQUEST = 1
     ABORT_REQUEST = 2
     END_REQUEST = 3
@@ -62,12 +64,17 @@ class RecordType(enum.IntEnum):
 
 
 class Role(enum.IntEnum):
+    """The role a BEGIN_REQUEST asks the application to play; mailflow always sends RESPONDER."""
+
     RESPONDER = 1
     AUTHORIZER = 2
     FILTER = 3
 
 
 class ProtocolStatus(enum.IntEnum):
+    """END_REQUEST's protocolStatus: anything but REQUEST_COMPLETE means the application
+    refused the request (busy, no multiplexing, role unknown) and never ran it."""
+
     REQUEST_COMPLETE = 0
     CANT_MPX_CONN = 1
     OVERLOADED = 2
@@ -82,6 +89,8 @@ MPXS_CONNS = "FCGI_MPXS_CONNS"
 
 @dataclass(frozen=True, slots=True)
 class Header:
+    """A record's 8-byte header, decoded; lengths are in bytes."""
+
     version: int
     type: int
     request_id: int
@@ -91,6 +100,8 @@ class Header:
 
 @dataclass(frozen=True, slots=True)
 class Record:
+    """One complete record: its type, its request (0: management) and its content, unpadded."""
+
     type: int
     request_id: int
     content: bytes
@@ -105,6 +116,10 @@ def pack_header(
     content_length: int,
     padding_length: int = 0,
 ) -> bytes:
+    """The 8-byte header of a version-1 record.
+
+    Raises ValueError when a field does not fit its width (type and padding 8 bits, request id
+    and content length 16 bits)."""
     if not 0 <= record_type <= 0xFF:
         raise ValueError(f"record type {record_type} out of range")
     if not 0 <= request_id <= 0xFFFF:
@@ -117,6 +132,9 @@ def pack_header(
 
 
 def unpack_header(data: bytes | bytearray | memoryview) -> Header:
+    """Decode the header at the start of `data` (the version is not checked here).
+
+    Raises `FastCGIProtocolError` when fewer than 8 bytes are given."""
     if len(data) < HEADER_LEN:
         raise FastCGIProtocolError(f"short record header: {len(data)} bytes")
     version, record_type, request_id, content_length, padding_length = _HEADER.unpack_from(data)
@@ -124,6 +142,7 @@ def unpack_header(data: bytes | bytearray | memoryview) -> Header:
 
 
 def padding_for(content_length: int) -> int:
+    """Padding bytes after `content_length` bytes of content: the next header is 8-aligned."""
     return -content_length % ALIGNMENT
 
 
@@ -161,6 +180,7 @@ def encode_stream(
 
 
 def end_of_stream(record_type: int, request_id: int) -> bytes:
+    """The empty record that closes a request's `record_type` stream (PARAMS, STDIN...)."""
     return encode_record(record_type, request_id, b"")
 
 
@@ -170,6 +190,10 @@ def encode_begin_request(
     *,
     keep_conn: bool = False,
 ) -> bytes:
+    """The BEGIN_REQUEST record that opens request `request_id`.
+
+    With `keep_conn` the application keeps the connection open after END_REQUEST; without it,
+    it closes the connection when the request ends."""
     flags = FLAG_KEEP_CONN if keep_conn else 0
     return encode_record(
         RecordType.BEGIN_REQUEST,
@@ -179,6 +203,8 @@ def encode_begin_request(
 
 
 def encode_abort_request(request_id: int) -> bytes:
+    """The ABORT_REQUEST record for `request_id`: asks the application to stop the request;
+    the spec has it answer with END_REQUEST all the same."""
     return encode_record(RecordType.ABORT_REQUEST, request_id, b"")
 
 
@@ -208,6 +234,9 @@ def _as_bytes(value: str | bytes) -> bytes:
 
 
 def encode_name_value_pair(name: str | bytes, value: str | bytes) -> bytes:
+    """One name-value pair in FastCGI's length-prefixed form; `str` is sent as UTF-8.
+
+    Raises ValueError for a name or value longer than 2**31 - 1 bytes."""
     raw_name, raw_value = _as_bytes(name), _as_bytes(value)
     return b"".join(
         (_encode_length(len(raw_name)), _encode_length(len(raw_value)), raw_name, raw_value),
@@ -226,6 +255,8 @@ def _pairs(
 def encode_name_value_pairs(
     params: Mapping[str, str] | Mapping[bytes, bytes] | Iterable[tuple[str | bytes, str | bytes]],
 ) -> bytes:
+    """Pairs from a mapping or an iterable of (name, value), in order, as one byte string
+    (not yet split into records: see `encode_params`)."""
     return b"".join(encode_name_value_pair(name, value) for name, value in _pairs(params))
 
 
@@ -290,6 +321,8 @@ def encode_params(
 
 
 def encode_get_values(names: Iterable[str]) -> bytes:
+    """A GET_VALUES management record asking the application for the named variables
+    (`MAX_CONNS`, `MAX_REQS`, `MPXS_CONNS`); the answer is a `GetValuesResult` event."""
     return encode_record(
         RecordType.GET_VALUES,
         NULL_REQUEST_ID,
@@ -307,6 +340,10 @@ class RecordReader:
         self._buffer = bytearray()
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Record]:
+        """Add bytes; return the records they complete, in order (possibly none).
+
+        Raises `FastCGIProtocolError` on a record whose version is not 1. At most one incomplete
+        record stays buffered."""
         self._buffer += data
         records: list[Record] = []
         pos = 0
@@ -329,6 +366,7 @@ class RecordReader:
 
     @property
     def buffered_bytes(self) -> int:
+        """Bytes held back as the start of an incomplete record."""
         return len(self._buffer)
 
     def close(self) -> None:
@@ -341,22 +379,31 @@ class RecordReader:
 
 @dataclass(frozen=True, slots=True)
 class Stdout:
+    """A piece of the application's STDOUT (never empty: an empty record ends the stream)."""
+
     data: bytes
 
 
 @dataclass(frozen=True, slots=True)
 class Stderr:
+    """A piece of the application's STDERR (never empty: an empty record ends the stream)."""
+
     data: bytes
 
 
 @dataclass(frozen=True, slots=True)
 class EndRequest:
+    """The application finished the request: `app_status` is the script's exit status,
+    `protocol_status` a `ProtocolStatus` value."""
+
     app_status: int
     protocol_status: int
 
 
 @dataclass(frozen=True, slots=True)
 class GetValuesResult:
+    """The application's answer to GET_VALUES: (name, value) pairs as bytes, in its order."""
+
     values: tuple[tuple[bytes, bytes], ...]
 
 
@@ -389,9 +436,13 @@ class ResponseParser:
 
     @property
     def finished(self) -> bool:
+        """True once END_REQUEST arrived for this request; nothing may follow it."""
         return self.end is not None
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Event]:
+        """Add bytes from the connection; return the events they complete, in order.
+
+        Raises `FastCGIProtocolError` on anything the class docstring calls a protocol error."""
         events: list[Event] = []
         for record in self._reader.feed(data):
             event = self._event(record)
@@ -400,6 +451,8 @@ class ResponseParser:
         return events
 
     def close(self) -> None:
+        """The connection ended: raises `FastCGIProtocolError` if it ended inside a record.
+        Does not check that END_REQUEST arrived: see `finished`."""
         self._reader.close()
 
     def _event(self, record: Record) -> Event | None:
@@ -457,12 +510,16 @@ class ResponseParser:
 
 @dataclass(frozen=True, slots=True)
 class CGIResponse:
+    """A responder's STDOUT read as CGI: the status (200 when no `Status` header), its reason
+    text, the header lines in order (names and values latin-1, stripped) and the body bytes."""
+
     status: int
     reason: str
     headers: tuple[tuple[str, str], ...]
     body: bytes
 
     def header(self, name: str) -> str | None:
+        """The value of the first header named `name` (case-insensitive), or None."""
         wanted = name.lower()
         for key, value in self.headers:
             if key.lower() == wanted:
