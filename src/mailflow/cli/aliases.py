@@ -66,6 +66,10 @@ def _problem_lines(console: Console, title: str, items: list[Refusal] | list[Pro
 
 
 def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
+    """`mailflow aliases import`: turn an /etc/aliases file into a routes document.
+
+    Writes the routes to `--out` or stdout and a summary to stderr. Exit 0 when every alias was
+    carried over, 1 when some were not (they are listed), 2 on unusable input (nothing written)."""
     from mailflow.migrate.importer import import_aliases  # noqa: PLC0415
 
     try:
@@ -111,6 +115,9 @@ def _import_summary(result: ImportResult, out: Path | None) -> None:
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    """`mailflow aliases check`: for each alias, compare what sendmail would run with what the
+    worker's routes run. Exit 0 when all agree (`--accept-refused` lets refused ones pass), 1
+    when any differ, 2 on unusable input."""
     from mailflow.migrate.check import check_aliases  # noqa: PLC0415
     from mailflow.migrate.importer import validate_domain  # noqa: PLC0415
 

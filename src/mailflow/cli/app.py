@@ -26,6 +26,9 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 
 
 def load_settings(**overrides: Any) -> Settings:
+    """Settings from MAILFLOW_* variables (and `overrides`); a test seam.
+
+    Raises pydantic's ValidationError on bad configuration (`main` turns it into exit 2)."""
     return Settings(**overrides)
 
 
@@ -33,6 +36,10 @@ def load_settings(**overrides: Any) -> Settings:
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
+    """`mailflow worker`: run until SIGTERM/SIGINT, then drain.
+
+    Exit 0 after a clean drain, EXIT_DRAIN_TIMEOUT (3) when running deliveries outlived the
+    shutdown grace and were handed back."""
     from mailflow.aws import open_clients  # noqa: PLC0415 - keep `--help` fast
     from mailflow.processors.exec import forbid_environ_reads  # noqa: PLC0415
     from mailflow.worker.loop import Worker  # noqa: PLC0415
@@ -50,6 +57,8 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_provision(args: argparse.Namespace, settings: Settings) -> int:
+    """`mailflow provision`: create the bucket, topic, queue and DLQ, and table (idempotent);
+    prints their names, ARN and URLs as JSON."""
     from mailflow.aws import open_clients  # noqa: PLC0415
     from mailflow.cli.render import print_json  # noqa: PLC0415
     from mailflow.dev.provision import provision  # noqa: PLC0415
@@ -63,6 +72,8 @@ def cmd_provision(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
+    """`mailflow send`: act as SES receiving each file (store it in S3, publish the notification);
+    prints one mail id per file. Exit 2, nothing sent, if a file is missing."""
     from mailflow.aws import open_clients  # noqa: PLC0415
     from mailflow.dev.ses import receive_mail, topic_arn  # noqa: PLC0415
 
@@ -93,18 +104,22 @@ def cmd_send(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
+    """`mailflow list`: deliveries, newest update first, filtered by the options."""
     from mailflow.cli.browse import list_deliveries  # noqa: PLC0415
 
     return run_async(lambda: list_deliveries(args, settings))
 
 
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
+    """`mailflow show MAIL_ID`: a mail's deliveries and where its object is; exit 1 if none."""
     from mailflow.cli.browse import show_mail  # noqa: PLC0415
 
     return run_async(lambda: show_mail(args, settings))
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
+    """`mailflow check`: the container health check. Exit 0 when the worker's health file is at
+    most `health_max_age_s` old, 1 when it is older or missing."""
     from mailflow.worker.health import health_age_s  # noqa: PLC0415
 
     age = health_age_s(settings.health_file)
@@ -121,12 +136,14 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_dev(args: argparse.Namespace, settings: Settings) -> int:
+    """`mailflow dev`: the embedded moto server, provisioning, a worker and sample mails."""
     from mailflow.dev.run import run_dev  # noqa: PLC0415
 
     return run_dev(args)
 
 
 def cmd_smtp(args: argparse.Namespace, settings: Settings) -> int:
+    """`mailflow smtp`: the SMTP SES-receiving emulator, until SIGTERM/SIGINT."""
     from mailflow.aws import open_clients  # noqa: PLC0415
     from mailflow.dev.smtp import serve  # noqa: PLC0415
     from mailflow.signals import stop_signals  # noqa: PLC0415
@@ -145,6 +162,7 @@ def cmd_smtp(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `mailflow` argument parser; each subcommand sets `handler` to its `cmd_*` function."""
     parser = argparse.ArgumentParser(
         prog="mailflow",
         description=(
@@ -233,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse `argv`, load settings, configure logging and run the command; returns the exit code.
+
+    Bad configuration is EXIT_CONFIG (2) before anything starts; a `MailflowError` is printed as
+    one line (no traceback) and is EXIT_FAILURE (1)."""
     args = build_parser().parse_args(argv)
     if getattr(args, "command", None) == "smtp" and not args.domain:
         args.domain = ["orders.example.com"]

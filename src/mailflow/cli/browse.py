@@ -44,6 +44,9 @@ async def query(
     status: str | None,
     limit: int,
 ) -> list[dict[str, Any]]:
+    """Deliveries in `status` (every status but archived when None), at most `limit` per status.
+
+    Archived deliveries have no index to query: that case scans the table (slow on a big one)."""
     if status == Status.ARCHIVED.value:
         return [r for r in await ledger.scan(limit=100_000) if r.get("status") == status][:limit]
     statuses = [Status(status)] if status else [s for s in Status if s is not Status.ARCHIVED]
@@ -54,6 +57,9 @@ async def query(
 
 
 async def list_deliveries(args: argparse.Namespace, settings: Settings) -> int:
+    """`mailflow list`: the newest-updated deliveries matching the options, as a table or JSON.
+
+    Exit 2 on an unknown `--status` or an unreadable `--since`."""
     if args.status and args.status not in {s.value for s in Status}:
         sys.stderr.write(f"mailflow list: unknown status {args.status!r}\n")
         return EXIT_CONFIG
@@ -81,6 +87,8 @@ async def list_deliveries(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def show_mail(args: argparse.Namespace, settings: Settings) -> int:
+    """`mailflow show`: every delivery of one mail with its history, and where its object is now
+    (original or archived key). Exit 1 when the mail has no deliveries."""
     async with open_clients(mail_region=settings.mail_region) as clients:
         records = await Ledger(clients.dynamodb, settings.table).get_mail(args.mail_id)
         # Where the object is now: HEAD of the original key and of the archived key.

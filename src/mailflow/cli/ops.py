@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    """`mailflow status`: deliveries per state, the oldest unfinished one, queue and DLQ depth."""
     from mailflow.aws import open_clients  # noqa: PLC0415 - keep `--help` fast
     from mailflow.ops.status import status_report  # noqa: PLC0415
 
@@ -70,6 +71,11 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
+    """`mailflow retry`: reopen the failed deliveries of the named mails (or of every mail with
+    `--status failed`) and queue them again, restoring archived mail first.
+
+    Exit 1 if a named mail could not be retried; with `--status`, mails that had nothing to
+    retry do not count as failures. Exit 2 on bad arguments."""
     from mailflow.aws import open_clients  # noqa: PLC0415
     from mailflow.aws.ledger import Ledger  # noqa: PLC0415
     from mailflow.aws.queue import Queue  # noqa: PLC0415
@@ -121,6 +127,7 @@ def cmd_retry(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_redrive(args: argparse.Namespace, settings: Settings) -> int:
+    """`mailflow redrive`: move DLQ messages back to the queue; exit 1 if some failed to move."""
     from mailflow.aws import open_clients  # noqa: PLC0415
     from mailflow.ops.redrive import redrive  # noqa: PLC0415
 
@@ -163,6 +170,11 @@ def _parse_stored(url: str, to: list[str], settings: Settings) -> dict[str, Any]
 
 
 def cmd_parse(args: argparse.Namespace, settings: Settings) -> int:
+    """`mailflow parse FILE|s3://...`: what the worker would read from a mail and where it would
+    route each recipient, without running anything.
+
+    Exit 0 when every `--to` recipient (or, without `--to`, at least one) would be delivered;
+    1 otherwise or when the object cannot be read; 2 when the file does not exist."""
     from mailflow.ops.parse import parse_file  # noqa: PLC0415
 
     if args.file.startswith("s3://"):
@@ -253,6 +265,10 @@ def _show_report(report: PassReport, args: argparse.Namespace) -> None:
 
 
 def cmd_reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    """`mailflow reconcile`: one reconciler pass (or one every `--loop` seconds until a signal).
+
+    Without `--loop`, exit 1 when the pass recorded errors; with it, a failed pass is reported
+    and the next one runs."""
     from mailflow.aws import open_clients  # noqa: PLC0415
     from mailflow.aws.queue import Queue  # noqa: PLC0415
     from mailflow.errors import MailflowError  # noqa: PLC0415

@@ -95,6 +95,8 @@ def terminal_text(value: object) -> str:
 
 
 def delivery_json(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A ledger record as `--json` shows it: every DELIVERY_FIELDS key, in order (null when
+    absent), times (`*_at`, also inside `history`) as ISO-8601 UTC strings."""
     out: dict[str, Any] = {}
     for name in DELIVERY_FIELDS:
         value = record.get(name)
@@ -132,6 +134,7 @@ def say(text: str) -> None:
 
 
 def deliveries_table(records: Iterable[Mapping[str, Any]], title: str = "") -> Table:
+    """Deliveries as a rich table for people, one row each, every cell terminal-safe."""
     table = Table(title=title or None, show_lines=False)
     for col in (
         "mail_id",
@@ -165,10 +168,13 @@ def deliveries_table(records: Iterable[Mapping[str, Any]], title: str = "") -> T
 
 
 def print_table(table: Table) -> None:
+    """Print a rich table on stdout, without wrapping rows into the terminal width."""
     Console(soft_wrap=False).print(table)
 
 
 def print_record(record: Mapping[str, Any], keys: Sequence[str] = DELIVERY_FIELDS) -> None:
+    """One delivery for people: each non-empty field on its own line, its history as one
+    line per attempt; values are printed terminal-safe."""
     doc = delivery_json(record)
     console = Console()
     for key in keys:
