@@ -291,6 +291,28 @@ def test_encrypted_orphan_is_recovered_from_its_decrypted_header(kenv: Env) -> N
     assert stdin_seen(kenv, mail_id) == stored
 
 
+def test_smtp_emulator_stores_mail_encrypted_like_ses(kenv: Env) -> None:
+    """`mailflow smtp` with MAILFLOW_KMS_KEY: the stored object is SES's encrypted form."""
+    import smtplib  # noqa: PLC0415
+
+    from mailflow.dev.smtp import EmulatorThread  # noqa: PLC0415
+
+    sent = sample("order-002-shiftjis.eml")
+    with (
+        EmulatorThread(kenv.settings, domains=["orders.example.com"]) as emu,
+        smtplib.SMTP(emu.host, emu.port, timeout=30) as client,
+    ):
+        client.ehlo("client.example.net")
+        assert client.sendmail("shop@example.com", [RCPT], sent) == {}
+    listed = kenv.boto("s3").list_objects_v2(Bucket=kenv.settings.bucket)["Contents"]
+    (key,) = [o["Key"] for o in listed]
+    stored = kenv.boto("s3").get_object(Bucket=kenv.settings.bucket, Key=key)
+    context = json.loads(stored["Metadata"]["x-amz-matdesc"])
+    assert context["aws:ses:message-id"] == key.removeprefix(kenv.settings.incoming_prefix)
+    assert sent not in stored["Body"].read()
+    assert decrypt_independently(kenv, kenv.settings.bucket, key).endswith(sent)
+
+
 # --- memory: 16 encrypted 40 MiB mails at once -------------------------------------------------
 
 #: `make bench`'s peak-RSS target, 16 concurrent 40 MiB mails (bench/report.py).
