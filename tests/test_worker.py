@@ -12,7 +12,8 @@ from datetime import UTC, datetime
 import pytest
 
 from conftest import SIMPLE_MAIL, Env, all_terminal, require_binary, run_worker_until
-from mailflow.aws import open_clients
+from mailflow.aws import AwsPermanentError, open_clients
+from mailflow.aws.ledger import Ledger
 from mailflow.dev.ses import new_message_id, received_notification
 from mailflow.routing import delivery_id
 
@@ -264,6 +265,66 @@ def test_a_replayed_object_under_a_new_message_id_is_dead_lettered(env: Env) -> 
     (msg,) = env.drain_queue(dlq=True)
     assert msg["MessageAttributes"]["mailflow_reason"]["StringValue"] == "key_not_mail_id"
     assert [e[0] for e in env.starts()] == [delivery_id(mail_id, recipient)]
+
+
+def test_tails_of_invalid_utf8_fit_the_item_and_run_once(env: Env) -> None:
+    """64 KiB tails of bytes that are not UTF-8 are escaped (4 characters a byte): uncapped,
+    two of them passed DynamoDB's 400 KB item limit, the outcome could not be written and
+    the processor ran again until attempts_exhausted."""
+    settings = env.with_settings(output_tail_bytes=65536)
+    recipient = "noisy-007@orders.example.com"
+
+    async def scenario() -> dict:
+        async with open_clients() as clients:
+            mail_id = await env.send(clients, SIMPLE_MAIL, [recipient])
+            await run_worker_until(settings, clients, all_terminal(env, [mail_id]))
+            (rec,) = await env.records(clients, mail_id)
+            return rec
+
+    rec = run(scenario())
+    assert (rec["status"], rec["reason"], rec["attempts"]) == ("succeeded", "ok", 1)
+    assert len(env.starts()) == 1
+    for name in ("stdout_tail", "stderr_tail"):
+        assert 60_000 < len(rec[name].encode()) <= 65536, name
+        assert rec[name].endswith("\\xff" if name == "stdout_tail" else "\\xfe")
+
+
+def test_an_outcome_dynamodb_refuses_is_recorded_smaller_never_run_again(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever makes DynamoDB refuse a full outcome (an item past 400 KB), the processor
+    has run: its verdict is recorded without the bulky fields, and it never runs again."""
+    finish = Ledger.finish
+    refused: list[str] = []
+
+    async def refusing_finish(self: Ledger, key, token, status, fields, entry):
+        if fields.get("stdout_tail") is not None:
+            refused.append(key.recipient)
+            raise AwsPermanentError("ddb.finish", "ValidationException", "Item size too large")
+        return await finish(self, key, token, status, fields, entry)
+
+    monkeypatch.setattr(Ledger, "finish", refusing_finish)
+    recipient = "exit1-008@orders.example.com"
+
+    async def scenario() -> dict:
+        async with open_clients() as clients:
+            mail_id = await env.send(clients, SIMPLE_MAIL, [recipient])
+            await run_worker_until(env.settings, clients, all_terminal(env, [mail_id]))
+            (rec,) = await env.records(clients, mail_id)
+            return rec
+
+    rec = run(scenario())
+    assert refused == [recipient]
+    assert (rec["status"], rec["reason"], rec["attempts"], rec["exit_code"]) == (
+        "failed",
+        "exit_1",
+        1,
+        1,
+    )
+    assert "ValidationException" in rec["detail"]
+    assert "stdout_tail" not in rec
+    assert "subject" not in rec
+    assert len(env.starts()) == 1
 
 
 def test_oversize_mail_fails_too_large(env: Env) -> None:

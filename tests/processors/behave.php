@@ -33,6 +33,9 @@ switch ($mode) {
     case 'print4': echo "4.3.0 stock database busy\n"; done($ledger, $id, $attempt, $mode, 1);
     case 'print5': echo "5.1.1 unknown store\n"; done($ledger, $id, $attempt, $mode, 75);
     case 'slow': usleep((int) (getenv('SLOW_S') ?: 2) * 1000000); done($ledger, $id, $attempt, $mode, 0);
+    case 'noisy':  // 80 KB of bytes that are not UTF-8 on each stream, then success
+        echo str_repeat("\xff", 80000); fwrite(STDERR, str_repeat("\xfe", 80000));
+        done($ledger, $id, $attempt, $mode, 0);
     case 'hang': sleep(3600); done($ledger, $id, $attempt, $mode, 0);
     case 'grandchild':
         $p = proc_open(['sleep', '3600'], [], $pipes);

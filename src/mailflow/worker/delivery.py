@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from mailflow.aws import shapes
+from mailflow.aws import AwsPermanentError, shapes
 from mailflow.aws.envelope import DecryptError
 from mailflow.aws.ledger import Busy, Claimed, DeliveryKey, Ledger, Status, history_entry
 from mailflow.aws.store import KeyRing, spooled
@@ -67,8 +67,32 @@ class Settlement:
 DONE = Settlement(done=True)
 
 
-def _text(data: bytes, limit: int) -> str:
-    return data[-limit:].decode("utf-8", errors="backslashreplace")
+def tail_text(data: bytes, max_bytes: int) -> str:
+    """The end of a stream as text of at most `max_bytes` UTF-8 bytes. Bytes that are not
+    UTF-8 are escaped (`\\xff`: four bytes each), so the cap is applied after escaping, at a
+    character boundary: two 64 KiB tails of such bytes would otherwise pass DynamoDB's 400 KB
+    item limit and make the outcome unwritable."""
+    text = data[-max_bytes:].decode("utf-8", errors="backslashreplace")
+    encoded = text.encode("utf-8")
+    if len(encoded) <= max_bytes:
+        return text
+    return encoded[-max_bytes:].decode("utf-8", errors="ignore")
+
+
+#: What a smaller outcome leaves out when DynamoDB refuses the full one: the bulky, optional
+#: fields (tails, header summary). Set to None, they are also removed from the item, which
+#: frees the room earlier attempts' tails took.
+BULKY_FIELDS = (
+    "stdout_tail",
+    "stderr_tail",
+    "from",
+    "to",
+    "subject",
+    "date",
+    "message_id_header",
+    "content_type",
+    "parse_defects",
+)
 
 
 def base_env(settings: Settings) -> dict[str, str]:
@@ -336,8 +360,8 @@ class Deliverer:
         if result is not None:
             fields["exit_code"] = result.exit_code
             fields["signal"] = result.signal
-            fields["stdout_tail"] = _text(result.stdout_tail, self.settings.output_tail_bytes)
-            fields["stderr_tail"] = _text(result.stderr_tail, self.settings.output_tail_bytes)
+            fields["stdout_tail"] = tail_text(result.stdout_tail, self.settings.output_tail_bytes)
+            fields["stderr_tail"] = tail_text(result.stderr_tail, self.settings.output_tail_bytes)
             fields["duration_ms"] = round(result.duration_s * 1000, 1)
             if result.transport_error:
                 fields["detail"] = result.transport_error[:1000]
@@ -357,18 +381,25 @@ class Deliverer:
             exit_code=result.exit_code if result else None,
             stderr_tail=fields.get("stderr_tail", ""),
         )
-        # Shielded: once the processor has run, its outcome must be written even if we are
-        # being cancelled; a lost outcome would run the legacy script again.
-        write = asyncio.ensure_future(
-            self.ledger.finish(key, claim.token, status, fields, entry),
-        )
         try:
-            await asyncio.shield(write)
+            try:
+                await self._write_outcome(key, claim, status, fields, entry)
+            except AwsPermanentError as exc:
+                # DynamoDB refused this outcome (item too large, ...): not a reason to run the
+                # processor again. Record the verdict without the bulky fields instead.
+                log.error(  # noqa: TRY400 - the refusal is the news, not a traceback
+                    "outcome_unwritable",
+                    mail_id=ref.mail_id,
+                    recipient=key.recipient,
+                    error=str(exc),
+                )
+                note = f"full outcome refused ({exc.code}); tails and header summary dropped"
+                fields |= dict.fromkeys(BULKY_FIELDS) | {
+                    "detail": f"{fields.get('detail') or ''} [{note}]".strip()[:1000]
+                }
+                entry = {**entry, "stderr_tail": "", "note": note}
+                await self._write_outcome(key, claim, status, fields, entry)
             _stamp("recorded", self._clock())
-        except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                await write
-            raise
         except LeaseLostError as exc:
             log.warning(
                 "lease_lost_at_finish", mail_id=ref.mail_id, recipient=key.recipient, error=str(exc)
@@ -390,6 +421,24 @@ class Deliverer:
         if status is Status.RETRYING:
             return Settlement(defer_until_s=float(fields["next_attempt_at"]))
         return DONE
+
+    async def _write_outcome(
+        self,
+        key: DeliveryKey,
+        claim: Claimed,
+        status: Status,
+        fields: dict[str, Any],
+        entry: dict[str, Any],
+    ) -> None:
+        # Shielded: once the processor has run, its outcome must be written even if we are
+        # being cancelled; a lost outcome would run the legacy script again.
+        write = asyncio.ensure_future(self.ledger.finish(key, claim.token, status, fields, entry))
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await write
+            raise
 
     def _log_outcome(
         self,
