@@ -56,12 +56,15 @@ class MotoServer:
 
     @property
     def url(self) -> str:
+        """`http://host:port` of the listening server; RuntimeError before `start()`."""
         if self._server is None:
             raise RuntimeError("MotoServer.start() first")
         host, port = self._server.server_address[:2]
         return f"http://{host!s}:{port}"
 
     def start(self) -> Self:
+        """Bind the socket and serve in a daemon thread; the server accepts requests once this
+        returns. Returns self, so `MotoServer().start().url` works."""
         from moto.moto_server.werkzeug_app import (  # noqa: PLC0415 - moto is a dev extra
             DomainDispatcherApplication,
             create_backend_app,
@@ -88,6 +91,7 @@ class MotoServer:
         return self
 
     def stop(self) -> None:
+        """Shut the server down, close its socket and join its thread (waits 5 s at most)."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

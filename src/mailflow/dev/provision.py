@@ -24,6 +24,10 @@ DLQ_RETENTION_S = shapes.QUEUE_RETENTION_S
 
 
 async def provision(clients: AwsClients, settings: Settings) -> dict[str, str]:
+    """Create (or find) every resource mailflow needs and return their names: `bucket`,
+    `topic_arn`, `queue_url`, `dlq_url`, `table`, and `kms_key_arn` when a KMS key is configured.
+
+    Idempotent: safe to run again, and from two processes at once."""
     out: dict[str, str] = {}
     out["bucket"] = await _bucket(clients, settings.bucket)
     if settings.archive_bucket:

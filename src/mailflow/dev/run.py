@@ -45,6 +45,11 @@ def sample_route(examples: Path) -> tuple[Route, str]:
 
 
 def run_dev(args: argparse.Namespace) -> int:
+    """`mailflow dev`: start an embedded moto server unless AWS_ENDPOINT_URL names a backend,
+    provision it, run a worker and send the sample mails from examples/mail.
+
+    Runs until interrupted; with `--exit-when-done`, returns once every sample delivery is
+    terminal (exit 1 if they did not all get there in time). Exit 2 without the examples."""
     if not (EXAMPLES / "mail").is_dir():
         sys.stderr.write(f"mailflow dev: examples not found at {EXAMPLES}\n")
         return EXIT_CONFIG

@@ -113,6 +113,9 @@ def received_notification(
 
 
 async def topic_arn(clients: AwsClients, settings: Settings) -> str:
+    """The ARN of the configured SNS topic (`settings.topic` may already be one).
+
+    Resolved by CreateTopic, which is idempotent: this creates the topic if it does not exist."""
     if settings.topic.startswith("arn:"):
         return settings.topic
     # CreateTopic is idempotent and returns the ARN: the cheapest lookup by name.

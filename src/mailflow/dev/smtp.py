@@ -121,6 +121,8 @@ class SesReceivingHandler:
         address: str,
         rcpt_options: list[str],
     ) -> str:
+        """RCPT TO: `550 5.1.1` for a domain not accepted, `452 4.5.3` past `max_recipients`,
+        else the recipient is added to the envelope and `250`."""
         if not domain_accepted(address, self.domains):
             log.info("smtp_rcpt_refused", recipient=address, reason="domain")
             return f"550 5.1.1 <{address}>: recipient domain not accepted here"
@@ -138,6 +140,10 @@ class SesReceivingHandler:
     ) -> str:
         # With decode_data=False, content and original_content are the same bytes: the DATA
         # lines after dot-unstuffing, CRLF kept. That is the message; it is what SES stores.
+        """End of DATA: store the message and publish its notification, as SES would.
+
+        `250` with the mail id only once both are done; `552` when the stored object would exceed
+        `max_mail_bytes`; `451` on any failure, so the client keeps the mail and retries."""
         raw = envelope.original_content
         if raw is None:
             raw = envelope.content if isinstance(envelope.content, bytes) else b""
@@ -226,6 +232,8 @@ class _TrackedSMTP(SMTP):
 
 @dataclass(frozen=True, slots=True)
 class RunningServer:
+    """Where a running emulator listens (the bound port, when 0 was asked) and its handler."""
+
     host: str
     port: int
     handler: SesReceivingHandler
@@ -362,14 +370,17 @@ class EmulatorThread:
 
     @property
     def host(self) -> str:
+        """The address the emulator listens on; RuntimeError when it is not running."""
         return self._bound().host
 
     @property
     def port(self) -> int:
+        """The bound port; RuntimeError when the emulator is not running."""
         return self._bound().port
 
     @property
     def handler(self) -> SesReceivingHandler:
+        """The running handler (`accepted`, `in_flight` counters); RuntimeError when stopped."""
         return self._bound().handler
 
     def _bound(self) -> RunningServer:
@@ -378,6 +389,10 @@ class EmulatorThread:
         return self.server
 
     def start(self) -> None:
+        """Start the thread and wait until the server listens.
+
+        Raises TimeoutError after `start_timeout_s`, or re-raises what stopped the server from
+        starting (a bad domain list, a port in use); RuntimeError if already started."""
         if self._thread is not None:
             raise RuntimeError("already started")
         self._thread = threading.Thread(target=self._run, name="mailflow-smtp", daemon=True)
@@ -389,6 +404,8 @@ class EmulatorThread:
             raise self._error
 
     def stop(self) -> None:
+        """Ask the server to stop, let mails being stored finish, and join the thread.
+        Safe to call when not started or already stopped."""
         loop, stop, thread = self._loop, self._stop, self._thread
         if loop is not None and stop is not None and not loop.is_closed():
             with contextlib.suppress(RuntimeError):  # the loop ended on its own meanwhile
