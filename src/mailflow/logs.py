@@ -30,6 +30,9 @@ def configure(
     log_format: Literal["json", "console", "auto"] = "auto",
     level: str = "info",
 ) -> None:
+    """Configure structlog for the process: logs go to stderr, as JSON lines (`json`, or `auto`
+    off a terminal) or for people (`console`), at `level` (unknown names mean info).
+    Library logging (botocore, aiohttp) is kept to warnings."""
     as_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer(ensure_ascii=False)

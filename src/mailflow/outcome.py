@@ -19,6 +19,9 @@ ENHANCED_STATUS = re.compile(rb"\s*([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 
 class Verdict(enum.StrEnum):
+    """What the delivery does next: record success, schedule a retry, or record a permanent
+    failure (never retried)."""
+
     SUCCESS = "success"
     RETRY = "retry"
     PERMANENT = "permanent"
@@ -45,12 +48,18 @@ class ProcessResult:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
+    """The classification of one run: the verdict, a machine `reason` for the record and logs
+    (`ok`, `timeout`, `exit_1`, `enhanced_status_5.1.1`...), and the RFC 3463 code when the
+    output began with one."""
+
     verdict: Verdict
     reason: str
     enhanced_status: str | None = None
 
 
 def enhanced_status(output: bytes) -> str | None:
+    """The RFC 3463 code (`4.2.0`, `5.1.1`) the output begins with, after optional whitespace;
+    None when it does not begin with one."""
     found = ENHANCED_STATUS.match(output)
     if found is None:
         return None
@@ -61,6 +70,13 @@ def classify(  # noqa: C901, PLR0911 - the postfix table above, one rung per lin
     result: ProcessResult,
     tempfail_codes: tuple[int, ...] = (75, 71),
 ) -> Outcome:
+    """Decide what one processor run means, by the postfix pipe(8) table in the module docstring.
+
+    Pure and total: every `ProcessResult` maps to an `Outcome`. A policy refusal is permanent; a
+    transport error, timeout or signal is a retry (the processor may not have finished); then
+    exit 0 is success; then a 4.x.x (retry) or 5.x.x (permanent) enhanced status code at the
+    start of stdout (else stderr) overrides the exit status; then an exit status in
+    `tempfail_codes` retries and any other is permanent."""
     if result.refused:
         return Outcome(Verdict.PERMANENT, "refused")
     if result.transport_error is not None:

@@ -32,6 +32,10 @@ EXTENSION_DELIMITER = "+"
 
 @dataclass(frozen=True, slots=True)
 class DeliveryPlan:
+    """What to run for one recipient: the route's name, the argv (no shell; every placeholder
+    value checked), the processor's environment, and the per-key concurrency: `key` is the
+    route's key value for this recipient (the store), `max_in_flight_per_key` its limit."""
+
     route: str
     argv: tuple[str, ...]
     env: dict[str, str]
@@ -61,6 +65,7 @@ def _tokens(command: str) -> tuple[str, ...]:
 
 
 def normalize_recipient(recipient: str) -> str:
+    """The form recipients are routed and recorded under: stripped, lower-cased."""
     return recipient.strip().lower()
 
 
