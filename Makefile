@@ -39,9 +39,13 @@ terraform-shapes: $(STAMP)
 run: $(STAMP)
 	$(BIN)/mailflow dev
 
-## test: lint, type check, and the whole test suite
+## test: lint, type check, and the whole test suite (unit, contract on every backend, e2e, deploy)
 test: $(STAMP) $(S3EC) $(CHECKOV_STAMP) lint typecheck
 	MAILFLOW_CHECKOV=$(CHECKOV_VENV)/bin/checkov $(BIN)/pytest -q -p no:cacheprovider
+
+## unit: pure logic, no server, no php (the fast loop while editing)
+unit: $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider -m "not server" tests/unit
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)

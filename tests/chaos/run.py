@@ -22,7 +22,7 @@ What it does:
 
 The last line is the summary:
     deliveries=… lost=0 dup_effects=… kills=… faults=… drain_s=…
-Exit status 0 when every check holds. `run_chaos()` is the same, for tests/test_chaos.py.
+Exit status 0 when every check holds. `run_chaos()` is the same, for tests/e2e/test_chaos.py.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from mailflow.dev.smtp import EmulatorThread
 from mailflow.errors import ConfigError
 from mailflow.mail import notification
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DOMAIN = "orders.example.com"
 SENDER = "orders@shop.example.net"
 RCPT = f"ne-001@{DOMAIN}"

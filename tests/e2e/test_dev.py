@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, require_binary
+from support.harness import REPO, require_binary
 
 
 def _dev(tmp_path: Path, path_env: str) -> tuple[subprocess.CompletedProcess[str], Path]:

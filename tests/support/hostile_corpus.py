@@ -1,6 +1,6 @@
 """Hostile mails: what an open MX receives sooner or later. Importable by any test:
 
-    from hostile_corpus import hostile_mails
+    from support.hostile_corpus import hostile_mails
 
     for name, raw in hostile_mails(settings.max_mail_bytes): ...
 

@@ -25,13 +25,13 @@ from typing import Any
 import boto3
 import hcl2
 import pytest
+from test_deploy_files import TF_OUTPUT
 
 from mailflow import metrics
 from mailflow.aws import shapes
 from mailflow.config import Settings
-from test_deploy_files import TF_OUTPUT
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TERRAFORM = REPO / "infra" / "terraform"
 MODULE = TERRAFORM / "modules" / "mailflow"
 EXAMPLE = TERRAFORM / "examples" / "production"

@@ -12,16 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SIMPLE_MAIL, Env, all_terminal, require_binary, start_worker_process
 from mailflow.aws import open_clients
 from mailflow.exitcodes import EXIT_OK
 from mailflow.processors.child import Child
 from mailflow.routing import delivery_id
+from support.harness import SIMPLE_MAIL, Env, all_terminal, start_worker_process
 
-
-@pytest.fixture(autouse=True)
-def _php() -> None:
-    require_binary("php")
+pytestmark = pytest.mark.php
 
 
 def _wait(predicate, timeout_s: float, what: str) -> None:
@@ -56,8 +53,10 @@ def _records(env: Env, mail_id: str) -> list[dict]:
     return asyncio.run(go())
 
 
-def test_sigterm_lets_the_running_processor_finish_then_exits_0(env: Env, tmp_path: Path) -> None:
-    os.environ["SLOW_S"] = "3"
+def test_sigterm_lets_the_running_processor_finish_then_exits_0(
+    env: Env, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("SLOW_S", "3")
     mail_id = _send(env, "slow-010@orders.example.com")
     proc = start_worker_process(env.settings, tmp_path / "worker.log")
     try:
@@ -77,8 +76,8 @@ def test_sigterm_lets_the_running_processor_finish_then_exits_0(env: Env, tmp_pa
     assert env.queue_counts() == {"visible": 0, "in_flight": 0}
 
 
-def test_two_workers_racing_run_a_delivery_once(env: Env, tmp_path: Path) -> None:
-    os.environ["SLOW_S"] = "1"
+def test_two_workers_racing_run_a_delivery_once(env: Env, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("SLOW_S", "1")
     mail_ids = [_send(env, f"slow-{i:03d}@orders.example.com") for i in range(20, 26)]
     # Duplicate every notification: both workers see copies of every mail.
     for msg in env.drain_queue():

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Env, require_binary, run_worker_until
 from mailflow.aws import AwsClients, open_clients
 from mailflow.aws.ledger import TERMINAL
 from mailflow.config import Route
 from mailflow.dev.ses import received_notification, topic_arn
+from support.harness import Env, run_worker_until
 
 #: The lone store's mail may take at most this many flood deliveries' time.
 K_DELIVERIES = 10
@@ -46,9 +46,7 @@ MAIL = (
 )
 
 
-@pytest.fixture(autouse=True)
-def _php() -> None:
-    require_binary("php")
+pytestmark = pytest.mark.php
 
 
 def store_route(tmp_path: Path, sleep_ms: int) -> tuple[Route, Path]:

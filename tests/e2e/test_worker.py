@@ -11,16 +11,15 @@ from datetime import UTC, datetime
 
 import pytest
 
-from conftest import SIMPLE_MAIL, Env, all_terminal, require_binary, run_worker_until
 from mailflow.aws import AwsPermanentError, open_clients
 from mailflow.aws.ledger import Ledger
+from mailflow.aws.queue import Queue
 from mailflow.dev.ses import new_message_id, received_notification
 from mailflow.routing import delivery_id
+from mailflow.worker.loop import Worker
+from support.harness import SIMPLE_MAIL, Env, all_terminal, run_worker_until
 
-
-@pytest.fixture(autouse=True)
-def _php() -> None:
-    require_binary("php")
+pytestmark = pytest.mark.php
 
 
 def mail_to(*to: str, body: bytes = b"hello\r\n") -> bytes:
@@ -54,7 +53,7 @@ def test_success_records_outcome_and_deletes_message(env: Env) -> None:
     assert env.queue_counts() == {"visible": 0, "in_flight": 0}
 
 
-def test_three_copies_of_one_notification_run_once(env: Env) -> None:
+def test_three_copies_of_one_notification_run_once(env: Env, monkeypatch) -> None:
     async def scenario() -> str:
         async with open_clients() as clients:
             mail_id = await env.send(clients, SIMPLE_MAIL, ["slow-001@orders.example.com"])
@@ -67,7 +66,7 @@ def test_three_copies_of_one_notification_run_once(env: Env) -> None:
             )
             env.publish_raw(msg["Body"])
             env.publish_raw(json.loads(msg["Body"])["Message"])  # raw-delivery shape too
-            os.environ["SLOW_S"] = "1"
+            monkeypatch.setenv("SLOW_S", "1")
 
             async def settled(c) -> bool:
                 return await all_terminal(env, [mail_id])(c) and env.queue_counts() == {
@@ -349,7 +348,7 @@ def test_oversize_mail_fails_too_large(env: Env) -> None:
     "name", ["order-001-iso2022jp.eml", "order-002-shiftjis.eml", "order-003-multipart.eml"]
 )
 def test_processor_stdin_is_the_stored_object_byte_for_byte(env: Env, name: str) -> None:
-    from conftest import sample  # noqa: PLC0415
+    from support.harness import sample  # noqa: PLC0415
 
     raw = sample(name)
 
@@ -394,19 +393,16 @@ def test_hostile_recipients_never_reach_a_shell_or_the_processor(env: Env, recip
     assert not (env.ledger_dir / "pwned").exists()
 
 
-def test_processor_env_is_clean(env: Env) -> None:
-    os.environ["AWS_SESSION_TOKEN"] = "not-a-real-token"  # noqa: S105
-    try:
+def test_processor_env_is_clean(env: Env, monkeypatch) -> None:
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "not-a-real-token")
 
-        async def scenario() -> str:
-            async with open_clients() as clients:
-                mail_id = await env.send(clients, SIMPLE_MAIL, ["ok-008@orders.example.com"])
-                await run_worker_until(env.settings, clients, all_terminal(env, [mail_id]))
-                return mail_id
+    async def scenario() -> str:
+        async with open_clients() as clients:
+            mail_id = await env.send(clients, SIMPLE_MAIL, ["ok-008@orders.example.com"])
+            await run_worker_until(env.settings, clients, all_terminal(env, [mail_id]))
+            return mail_id
 
-        mail_id = run(scenario())
-    finally:
-        del os.environ["AWS_SESSION_TOKEN"]
+    mail_id = run(scenario())
     did = delivery_id(mail_id, "ok-008@orders.example.com")
     safe = "".join(c if c.isalnum() else "_" for c in did)
     names = set((env.ledger_dir / "env" / safe).read_text().split())
@@ -426,16 +422,22 @@ def test_processor_env_is_clean(env: Env) -> None:
     } <= names
 
 
-def test_message_arriving_during_the_last_long_poll_is_given_back(env: Env) -> None:
-    from mailflow.worker.loop import Worker  # noqa: PLC0415
-
+def test_message_arriving_during_the_last_long_poll_is_given_back(env: Env, monkeypatch) -> None:
     settings = env.with_settings(wait_time_s=4, visibility_timeout_s=60, lease_s=60)
+    polling = asyncio.Event()
+    receive = Queue.receive
+
+    async def observed(self: Queue, *args, **kwargs):
+        polling.set()
+        return await receive(self, *args, **kwargs)
+
+    monkeypatch.setattr(Queue, "receive", observed)
 
     async def scenario() -> int:
         async with open_clients() as clients:
             worker = Worker(settings, clients)
             task = asyncio.create_task(worker.run())
-            await asyncio.sleep(1.0)  # the first long poll is in flight, the queue empty
+            await asyncio.wait_for(polling.wait(), 10)  # the first long poll is in flight
             worker.request_stop()
             await env.send(clients, SIMPLE_MAIL, ["ok-001@orders.example.com"])
             return await task

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (
+from mailflow.aws import open_clients
+from mailflow.config import Route
+from support.harness import (
     BEHAVE,
     SIMPLE_MAIL,
     Env,
@@ -18,9 +20,9 @@ from conftest import (
     run_worker_until,
     sample,
 )
-from mailflow.aws import open_clients
-from mailflow.config import Route
-from php_fpm import running_php_fpm
+from support.php_fpm import running_php_fpm
+
+pytestmark = [pytest.mark.php, pytest.mark.phpfpm]
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
@@ -12,26 +11,17 @@ from datetime import UTC, datetime
 
 import pytest
 
-from conftest import SIMPLE_MAIL, Env, all_terminal, require_binary, run_worker_until
 from mailflow.aws import AwsClients, open_clients
 from mailflow.aws.ledger import DeliveryKey, Ledger, Status
 from mailflow.aws.queue import Queue
 from mailflow.dev.ses import new_message_id, ses_headers
 from mailflow.ops.reconcile import PassReport, ReconcileOptions, Reconciler
+from support.harness import SIMPLE_MAIL, Env, all_terminal, cli_env, mail_to, obj, run_worker_until
 
 NOW_OPTIONS = ReconcileOptions(grace_s=0, archive_grace_s=0, orphan_age_s=0)
 
 
-@pytest.fixture(autouse=True)
-def _php() -> None:
-    require_binary("php")
-
-
-def mail_to(*to: str) -> bytes:
-    return (
-        b"From: Shop <shop@example.com>\r\nTo: " + ", ".join(to).encode()
-        + b"\r\nSubject: order\r\nMessage-ID: <r@example.com>\r\n\r\nbody\r\n"
-    )  # fmt: skip
+pytestmark = pytest.mark.php
 
 
 async def reconcile(
@@ -39,24 +29,6 @@ async def reconcile(
 ) -> PassReport:
     queue = await Queue.resolve(clients.sqs, env.settings.queue, env.settings.dlq)
     return await Reconciler(env.settings, clients, queue, options).run_pass()
-
-
-def cli_env(env: Env, **extra: str) -> dict[str, str]:
-    s = env.settings
-    return {
-        **os.environ,
-        "MAILFLOW_BUCKET": s.bucket, "MAILFLOW_TOPIC": s.topic, "MAILFLOW_QUEUE": s.queue,
-        "MAILFLOW_TABLE": s.table, "MAILFLOW_LOG_FORMAT": "json",
-        "MAILFLOW_ROUTES": json.dumps([r.model_dump() for r in s.routes]),
-        **extra,
-    }  # fmt: skip
-
-
-def obj(env: Env, key: str) -> bytes | None:
-    try:
-        return env.boto("s3").get_object(Bucket=env.settings.bucket, Key=key)["Body"].read()
-    except env.boto("s3").exceptions.NoSuchKey:
-        return None
 
 
 def put_orphan(env: Env, raw: bytes, recipients: list[str]) -> str:

@@ -19,13 +19,13 @@ from typing import Any
 import pytest
 
 from chaos.procs import log_events, reap, start_worker, vm_hwm_kib, wait_for
-from conftest import Env, require_binary
-from hostile_corpus import hostile_mails
 from mailflow.aws import open_clients
 from mailflow.aws.ledger import TERMINAL
 from mailflow.dev.ses import new_message_id, received_notification
 from mailflow.exitcodes import EXIT_OK
 from mailflow.routing import delivery_id
+from support.harness import Env
+from support.hostile_corpus import hostile_mails
 
 MAX_MAIL_BYTES = 512 * 1024
 TOPIC_ARN = "arn:aws:sns:us-east-1:123456789012:hostile"
@@ -103,8 +103,8 @@ def hostile_notifications(env: Env) -> dict[str, str]:
     return bodies
 
 
+@pytest.mark.php
 def test_hostile_corpus_end_to_end(env: Env, tmp_path: Path) -> None:
-    require_binary("php")
     settings = env.with_settings(
         max_mail_bytes=MAX_MAIL_BYTES, concurrency=4, visibility_timeout_s=20, lease_s=20
     )
@@ -247,11 +247,11 @@ def test_hostile_corpus_end_to_end(env: Env, tmp_path: Path) -> None:
     assert max(peak_kib) < 512 * 1024, "peak RSS should not grow with mail size x concurrency"
 
 
+@pytest.mark.php
 @pytest.mark.parametrize("max_mail_bytes", [1, 100])
 def test_max_mail_bytes_boundary(env: Env, max_mail_bytes: int) -> None:
     """Exactly max is delivered; max + 1 is `too_large` and never reaches the processor."""
-    require_binary("php")
-    from conftest import run_worker_until  # noqa: PLC0415
+    from support.harness import run_worker_until  # noqa: PLC0415
 
     settings = env.with_settings(max_mail_bytes=max_mail_bytes)
 

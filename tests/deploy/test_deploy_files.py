@@ -26,7 +26,7 @@ from botocore.validate import ParamValidator
 
 from mailflow.config import Settings
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ECSPRESSO = REPO / "ecspresso"
 BIN = Path(sys.executable).parent
 

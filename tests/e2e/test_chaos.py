@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from chaos.run import ChaosConfig, run_chaos
-from conftest import require_binary
 
 
+@pytest.mark.php
 def test_chaos_small(tmp_path: Path) -> None:
-    require_binary("php")
     cfg = ChaosConfig(
         deliveries=60,
         workers=2,

@@ -15,7 +15,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hostile_corpus import hostile_mails
 from mailflow.mail import charsets
 from mailflow.mail import summary as mail
 from mailflow.mail.summary import (
@@ -26,8 +25,9 @@ from mailflow.mail.summary import (
     split_head,
     summarize,
 )
+from support.hostile_corpus import hostile_mails
 
-SAMPLES = Path(__file__).resolve().parent.parent / "examples" / "mail"
+SAMPLES = Path(__file__).resolve().parents[2] / "examples" / "mail"
 TILDE = "\uff5e"  # ～ FULLWIDTH TILDE: what Japanese Windows mailers mean by JIS 0x2141
 QUICK = settings(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -13,12 +13,20 @@ from typing import Any
 
 import pytest
 
-from conftest import BEHAVE, SIMPLE_MAIL, Env, all_terminal, require_binary, run_worker_until
 from mailflow.aws import open_clients
 from mailflow.aws.ledger import DeliveryKey, Ledger
 from mailflow.config import Route
 from mailflow.dev.ses import ses_headers
-from test_reconcile import cli_env, mail_to, obj
+from support.harness import (
+    BEHAVE,
+    SIMPLE_MAIL,
+    Env,
+    all_terminal,
+    cli_env,
+    mail_to,
+    obj,
+    run_worker_until,
+)
 
 #: "The legacy script was fixed": every store address now runs behave.php in `ok` mode.
 FIXED_ROUTE = Route(
@@ -28,9 +36,7 @@ FIXED_ROUTE = Route(
 )
 
 
-@pytest.fixture(autouse=True)
-def _php() -> None:
-    require_binary("php")
+pytestmark = pytest.mark.php
 
 
 def mailflow(

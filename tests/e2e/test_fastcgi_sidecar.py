@@ -24,7 +24,7 @@ import pytest
 from mailflow.outcome import ProcessResult, Verdict, classify
 from mailflow.processors.exec import ExecProcessor, ProcessRequest
 from mailflow.processors.fastcgi import FastCGIAddress, FastCGIProcessor
-from php_fpm import (
+from support.php_fpm import (
     RUNNER_SCRIPT,
     fastcgi_get,
     free_port,

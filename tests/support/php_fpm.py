@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,8 +19,6 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 from mailflow.processors.fastcgi_codec import (
     RecordType,
@@ -32,31 +29,18 @@ from mailflow.processors.fastcgi_codec import (
     end_of_stream,
     parse_cgi_response,
 )
+from support.harness import EXTRA_SBIN, require_binary
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SIDECAR = REPO / "sidecar"
 RUN_LOCAL = SIDECAR / "run-local"
 RUNNER_SCRIPT = str(SIDECAR / "runner.php")
 PHP_FPM_NAMES = ("php-fpm8.2", "php-fpm")
-EXTRA_SBIN = "/usr/sbin:/usr/local/sbin:/sbin"
 START_TIMEOUT_S = 15.0
 
 
-def require_binary(*names: str) -> str:
-    """The first binary found (PATH plus the sbin directories); skip, or fail under CI."""
-    search = os.environ.get("PATH", "") + os.pathsep + EXTRA_SBIN
-    for name in names:
-        found = shutil.which(name, path=search)
-        if found:
-            return found
-    message = f"needs {' or '.join(names)}"
-    if os.environ.get("CI"):
-        pytest.fail(f"{message} (CI is set: a missing binary is a broken CI image)")
-    pytest.skip(message)
-    raise AssertionError("unreachable")  # pytest.skip raises
-
-
 def require_php_fpm() -> str:
+    """The php-fpm binary (Debian names it by version)."""
     return require_binary(*PHP_FPM_NAMES)
 
 

@@ -21,7 +21,7 @@ from mailflow.migrate.patterns import one_of
 from mailflow.migrate.shell import shell_needs
 from mailflow.routing import DeliveryPlan, Unroutable, plan_delivery
 
-REPO = Path(__file__).parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DOMAIN = "orders.example.com"
 RECEIVE = "/app/legacy/receive_mail.php"
 

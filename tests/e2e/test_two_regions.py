@@ -21,11 +21,18 @@ from typing import Any
 import boto3
 import pytest
 
-from conftest import Env, all_terminal, behave_route, require_binary, run_worker_until, sample
 from mailflow.aws import open_clients
 from mailflow.config import Settings
 from mailflow.dev.motoserver import MotoServer
 from mailflow.dev.provision import provision
+from support.harness import (
+    Env,
+    all_terminal,
+    behave_route,
+    require_binary,
+    run_worker_until,
+    sample,
+)
 
 MAIL_REGION = "us-west-2"
 HOME_REGION = "ap-northeast-1"
@@ -61,12 +68,14 @@ def two_regions(moto_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         server.stop()
 
 
-def test_two_region_layout_delivers_encrypted_mail(two_regions: Signed, tmp_path: Path) -> None:
+def test_two_region_layout_delivers_encrypted_mail(
+    two_regions: Signed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     require_binary("php")
     uid = uuid.uuid4().hex[:10]
     ledger_dir = tmp_path / "ledger"
     ledger_dir.mkdir()
-    os.environ["LEDGER_DIR"] = str(ledger_dir)
+    monkeypatch.setenv("LEDGER_DIR", str(ledger_dir))
     settings = Settings(
         bucket=f"mf-{uid}",
         topic=f"mf-{uid}",

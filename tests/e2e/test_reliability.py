@@ -25,7 +25,6 @@ import structlog
 
 from chaos.procs import alive, kill_tree, log_events, reap, start_worker, wait_for
 from chaos.proxy import FaultPlan, FaultProxy
-from conftest import SIMPLE_MAIL, Env, all_terminal, require_binary
 from mailflow import aws
 from mailflow.aws import AwsClients, AwsPermanentError, client_config, open_clients
 from mailflow.aws.ledger import Busy, Claimed, DeliveryKey, Ledger, Status
@@ -36,6 +35,7 @@ from mailflow.errors import LeaseLostError, TransientError
 from mailflow.exitcodes import EXIT_DRAIN_TIMEOUT, EXIT_OK
 from mailflow.routing import delivery_id
 from mailflow.worker.loop import Worker
+from support.harness import SIMPLE_MAIL, Env, all_terminal, require_binary
 
 
 @pytest.fixture
@@ -333,9 +333,11 @@ def test_a_control_character_reaches_the_dlq_with_its_reason(env: Env, proxy: Fa
 # --- leases and heartbeat -----------------------------------------------------------------------
 
 
-def test_processor_running_three_visibility_timeouts_runs_once(env: Env, php: str) -> None:
+def test_processor_running_three_visibility_timeouts_runs_once(
+    env: Env, php: str, monkeypatch
+) -> None:
     settings = env.with_settings(visibility_timeout_s=2, lease_s=3)  # heartbeat every 0.5 s
-    os.environ["SLOW_S"] = "7"
+    monkeypatch.setenv("SLOW_S", "7")
 
     async def scenario() -> tuple[str, list[Worker]]:
         async with open_clients() as clients:
@@ -420,8 +422,7 @@ async def _wait_for_start(env: Env, did: str, timeout_s: float = 20) -> None:
 
 
 def test_taken_over_lease_stops_the_processor_and_fences_its_outcome(
-    env: Env,
-    php: str,
+    env: Env, php: str, monkeypatch
 ) -> None:
     """Worker A's heartbeat stalls past the lease; B takes the delivery over. When A's
     heartbeat comes back it finds the lease gone, kills its processor, and writes nothing."""
@@ -430,7 +431,7 @@ def test_taken_over_lease_stops_the_processor_and_fences_its_outcome(
         lease_s=3,  # heartbeat 0.75 s
         processor_timeout_s=60,
     )
-    os.environ["SLOW_S"] = "10"
+    monkeypatch.setenv("SLOW_S", "10")
     recipient = "slow-002@orders.example.com"
 
     async def scenario() -> tuple[str, str, str]:
@@ -470,11 +471,11 @@ def test_taken_over_lease_stops_the_processor_and_fences_its_outcome(
     assert not alive(first_pid)
 
 
-def test_a_stale_worker_cannot_overwrite_the_newer_attempt(env: Env, php: str) -> None:
+def test_a_stale_worker_cannot_overwrite_the_newer_attempt(env: Env, php: str, monkeypatch) -> None:
     """A's heartbeat never comes back: its processor finishes, but its outcome write is
     fenced by the lease token; B's attempt is the one recorded."""
     settings = env.with_settings(visibility_timeout_s=3, lease_s=3, processor_timeout_s=60)
-    os.environ["SLOW_S"] = "5"
+    monkeypatch.setenv("SLOW_S", "5")
     recipient = "slow-003@orders.example.com"
 
     async def scenario() -> str:
@@ -508,14 +509,13 @@ def test_a_stale_worker_cannot_overwrite_the_newer_attempt(env: Env, php: str) -
 
 
 def test_a_worker_that_takes_over_its_own_stalled_run_stops_the_stale_one(
-    env: Env,
-    php: str,
+    env: Env, php: str, monkeypatch
 ) -> None:
     """One worker, heartbeat stalled past the visibility and the lease: its own receiver gets
     the message again and claims the delivery anew. Once the heartbeat is back, each run's
     lease is checked on its own: the stale runs are killed, one outcome is written."""
     settings = env.with_settings(visibility_timeout_s=3, lease_s=3, processor_timeout_s=60)
-    os.environ["SLOW_S"] = "12"
+    monkeypatch.setenv("SLOW_S", "12")
     recipient = "slow-008@orders.example.com"
 
     async def scenario() -> tuple[str, dict[str, Any]]:
@@ -575,7 +575,7 @@ def test_in_flight_duplicate_is_deferred_not_deleted(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings = env.with_settings(visibility_timeout_s=6, lease_s=6)
-    os.environ["SLOW_S"] = "3"
+    monkeypatch.setenv("SLOW_S", "3")
     recipient = "slow-004@orders.example.com"
     spy = QueueSpy(monkeypatch)
 
@@ -673,6 +673,20 @@ def _dlq_depth(env: Env) -> int:
     return int(attrs["ApproximateNumberOfMessages"])
 
 
+def _lapsed(env: Env, did: str) -> bool:
+    """The killed run's message is visible again and its lease has expired."""
+    if env.queue_counts()["visible"] == 0:
+        return False
+    mail_id, recipient = did.split(":", 1)
+    item = env.boto("dynamodb").get_item(
+        TableName=env.settings.table,
+        Key={"mail_id": {"S": mail_id}, "recipient": {"S": recipient}},
+        ConsistentRead=True,
+    )["Item"]
+    expires = item.get("lease_expires_at", {}).get("N")
+    return expires is None or float(expires) < time.time()
+
+
 def _crash_every_run(
     env: Env, settings: Settings, tmp_path: Path, did: str, stop: Callable[[], bool], rounds: int
 ) -> int:
@@ -704,7 +718,7 @@ def _crash_every_run(
             proc.wait(30)
         # Let lease and visibility lapse before the next worker polls: its receive then claims
         # (one receive, one run), instead of finding the lease alive and deferring.
-        time.sleep(max(settings.lease_s, settings.visibility_timeout_s) + 0.5)
+        wait_for(lambda: _lapsed(env, did) or stop(), 60, "the lease and visibility to lapse")
         if stop():
             break
     return killed
@@ -766,7 +780,7 @@ def test_a_delivery_that_kills_every_worker_stops_at_max_attempts(
     async def finish() -> dict[str, Any]:
         async with open_clients() as clients:
             worker_settings = settings
-            from conftest import run_worker_until  # noqa: PLC0415
+            from support.harness import run_worker_until  # noqa: PLC0415
 
             await run_worker_until(
                 worker_settings, clients, all_terminal(env, [mail_id]), timeout_s=30
@@ -849,9 +863,7 @@ def test_sigterm_drains_running_deliveries_and_hands_back_the_rest(
 
 
 def test_drain_past_the_grace_kills_processors_and_another_worker_finishes(
-    env: Env,
-    php: str,
-    tmp_path: Path,
+    env: Env, php: str, tmp_path: Path, monkeypatch
 ) -> None:
     settings = env.with_settings(concurrency=2, shutdown_grace_s=2)
     recipients = ["slow-021@orders.example.com", "slow-022@orders.example.com"]
@@ -877,10 +889,10 @@ def test_drain_past_the_grace_kills_processors_and_another_worker_finishes(
     assert all((r["status"], r["reason"]) == ("retrying", "worker_shutdown") for r in records)
     assert env.queue_counts()["in_flight"] == 0  # handed back at once
 
-    os.environ["SLOW_S"] = "1"
+    monkeypatch.setenv("SLOW_S", "1")
 
     async def finish() -> None:
-        from conftest import run_worker_until  # noqa: PLC0415
+        from support.harness import run_worker_until  # noqa: PLC0415
 
         async with open_clients() as clients:
             await run_worker_until(env.settings, clients, all_terminal(env, mail_ids), timeout_s=30)

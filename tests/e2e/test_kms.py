@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 
-from conftest import REPO, TESTS, Env, all_terminal, require_binary, run_worker_until, sample
 from mailflow.aws import open_clients
 from mailflow.aws.envelope import (
     DECRYPT_BAD_ENVELOPE,
@@ -35,6 +34,7 @@ from mailflow.aws.store import USER_METADATA_BYTES, fit_metadata
 from mailflow.dev import ses
 from mailflow.dev.provision import provision
 from mailflow.routing import delivery_id
+from support.harness import REPO, TESTS, Env, all_terminal, require_binary, run_worker_until, sample
 
 RCPT = "ok-007@orders.example.com"
 
@@ -265,8 +265,9 @@ def test_parse_decrypts_a_stored_object_and_refuses_a_tampered_one(kenv: Env) ->
 def test_encrypted_orphan_is_recovered_from_its_decrypted_header(kenv: Env) -> None:
     """SES stored it encrypted, its notification was lost: the orphan scan reads the header."""
     require_binary("php")
-    from conftest import SIMPLE_MAIL  # noqa: PLC0415
     from test_reconcile import reconcile  # noqa: PLC0415
+
+    from conftest import SIMPLE_MAIL  # noqa: PLC0415
 
     mail_id = ses.new_message_id()
     key = f"{kenv.settings.incoming_prefix}{mail_id}"
@@ -335,8 +336,8 @@ def test_sixteen_encrypted_40mib_mails_stay_within_the_bench_memory_figure(
     import signal  # noqa: PLC0415
     import time  # noqa: PLC0415
 
-    from conftest import start_worker_process  # noqa: PLC0415
     from mailflow.config import Route  # noqa: PLC0415
+    from support.harness import start_worker_process  # noqa: PLC0415
 
     sha = require_binary("sha256sum")
     route = Route(name="hash", match=r"ok-(?P<store>[0-9]{3})@orders\.example\.com", command=sha)

@@ -1,0 +1,1 @@
+"""Test support code: importable helpers, shared by tests in every folder."""
