@@ -45,12 +45,17 @@ METADATA_VALUE_CHARS = 512
 
 @dataclass(frozen=True, slots=True)
 class Destination:
+    """Where a finished mail's object goes: `kind` is processed, failed or quarantine."""
+
     kind: str  # processed | failed | quarantine
     where: Location
 
 
 @dataclass(frozen=True, slots=True)
 class ArchiveResult:
+    """What one archive attempt did: `done` (moved and marked), `would` (dry run), or
+    `skipped` with the reason in `detail` (not ready, locked by another, changed meanwhile)."""
+
     result: str  # done | would | skipped
     destination: Destination | None
     detail: str
@@ -69,10 +74,14 @@ def source(settings: Settings, records: Sequence[dict[str, Any]]) -> Location:
 
 
 def outcome_of(record: dict[str, Any]) -> str:
+    """A delivery's final outcome: its stored `outcome` once archived, else its status."""
     return str(record.get("outcome") or record.get("status") or "")
 
 
 def destination(settings: Settings, records: Sequence[dict[str, Any]]) -> Destination:
+    """Where the mail's object is archived: `quarantine/` if any delivery was quarantined,
+    `processed/` if all succeeded, `failed/` otherwise; in the archive bucket when one is set,
+    else next to the original."""
     mail_id = str(records[0]["mail_id"])
     bucket = settings.archive_bucket or source(settings, records).bucket
     if any(r.get("reason") == "quarantined" for r in records):
@@ -85,6 +94,7 @@ def destination(settings: Settings, records: Sequence[dict[str, Any]]) -> Destin
 
 
 def archived_at(record: dict[str, Any], settings: Settings) -> Location | None:
+    """Where the delivery record says its mail's object was archived; None if it was not."""
     if not record.get("archived_key"):
         return None
     bucket = record.get("archived_bucket") or settings.archive_bucket or record.get("bucket")
@@ -125,6 +135,8 @@ def archive_metadata(
     records: Sequence[dict[str, Any]],
     now: float,
 ) -> dict[str, str]:
+    """The S3 user metadata put on the archived copy: mail id, outcome, each delivery's outcome,
+    reasons, source and time; ASCII only (as S3 metadata must be), long values cut to 512 chars."""
     outcome = {"processed": "succeeded", "quarantine": "quarantined"}.get(kind, "failed")
     reasons = sorted({str(r.get("reason")) for r in records if r.get("reason")})
     return {
@@ -166,6 +178,13 @@ async def mail_lock(
 
 
 class Archiver:
+    """Moves finished mails' objects from `incoming/` to their archive location and marks their
+    deliveries `archived` (and back, for `mailflow retry`).
+
+    Every move happens under the mail's ledger lock (owned by `owner`) and re-reads the
+    deliveries under it; the copy is verified before the original is deleted. `grace_s`
+    is how long after the last delivery finished a mail is left alone."""
+
     def __init__(
         self,
         settings: Settings,
@@ -214,6 +233,12 @@ class Archiver:
         return None
 
     async def archive_mail(self, mail_id: str, *, dry_run: bool = False) -> ArchiveResult:
+        """Archive one mail if every delivery of it is terminal (and finished `grace_s` ago).
+
+        Idempotent and safe against a concurrent archiver or retry: returns `skipped` with the
+        reason rather than wait. A missing object is recorded as `archive_note=object_missing`,
+        not an error. Raises `CopyMismatchError` when the copy does not verify (the original is
+        then kept) or the destination is the incoming key itself (misconfigured prefixes)."""
         records = await self.ledger.get_mail(mail_id)
         why = not_ready(records, self._clock(), self.grace_s)
         if why is not None:

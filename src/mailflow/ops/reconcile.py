@@ -58,6 +58,13 @@ _SES_VERDICT = re.compile(r"^X-SES-(Spam|Virus)-Verdict:[ \t]*(\w+)", re.IGNOREC
 
 @dataclass(frozen=True, slots=True)
 class ReconcileOptions:
+    """How one reconciler pass runs (the `mailflow reconcile` flags); all durations in seconds.
+
+    `limit` bounds each phase; `grace_s` is how long a stale delivery is left to the worker's
+    own retry before it is requeued; `requeue_every_s` spaces repeated requeues of one delivery;
+    `archive_grace_s` is how long after the last delivery finished a mail is archived;
+    `orphan_age_s` is how old an unrecorded object must be to count as an orphan."""
+
     limit: int = 100
     dry_run: bool = False
     grace_s: float = 60.0
@@ -69,6 +76,9 @@ class ReconcileOptions:
 
 @dataclass(frozen=True, slots=True)
 class Action:
+    """One thing a pass did or would do to one mail or delivery, as reported to the operator:
+    `result` is done, would (dry run), skipped or error, with the why in `detail`."""
+
     phase: str  # orphans | requeue | archive
     what: str  # processed|failed|quarantine | requeued|object_missing | recovered|no_recipient
     result: str  # done | would | skipped | error
@@ -78,25 +88,32 @@ class Action:
     detail: str = ""
 
     def as_json(self) -> dict[str, Any]:
+        """The action as a JSON object (every field, nulls included)."""
         return asdict(self)
 
 
 @dataclass(slots=True)
 class PassReport:
+    """What one pass did: its actions in order, when it started (epoch s) and how long it took."""
+
     dry_run: bool
     started_at: float
     duration_s: float = 0.0
     actions: list[Action] = field(default_factory=list)
 
     def count(self, what: str | None = None, result: str | None = None) -> int:
+        """How many actions have `what` (any when None) and `result` (by default: `done`, or
+        `would` in a dry run)."""
         want = result or ("would" if self.dry_run else "done")
         return sum(1 for a in self.actions if (what is None or a.what == what) and a.result == want)
 
     @property
     def errors(self) -> int:
+        """How many items failed on a backend error (reported, the pass went on)."""
         return self.count(result="error")
 
     def counts(self) -> dict[str, Any]:
+        """The totals by kind, as `--json` and the log line report them."""
         return {
             "archived": {k: self.count(k) for k in ("processed", "failed", "quarantine")},
             "requeued": self.count("requeued"),
@@ -108,6 +125,7 @@ class PassReport:
         }
 
     def as_json(self) -> dict[str, Any]:
+        """The report as `mailflow reconcile --json` prints it: counts and every action."""
         return {
             "dry_run": self.dry_run,
             "started_at": iso(self.started_at),
@@ -117,6 +135,7 @@ class PassReport:
         }
 
     def summary_line(self) -> str:
+        """The one-line summary for people: what was (or would be) archived, requeued, recovered."""
         c = self.counts()
         archived = c["archived"]
         verb = "would " if self.dry_run else ""
@@ -134,19 +153,26 @@ class PassReport:
 class Tracker(Protocol):
     """Progress of a pass (a rich progress bar on a TTY; nothing otherwise)."""
 
-    def phase(self, name: str, total: int) -> None: ...
-    def advance(self) -> None: ...
+    def phase(self, name: str, total: int) -> None:
+        """Phase `name` starts, with `total` items to go through."""
+
+    def advance(self) -> None:
+        """One item of the current phase is done (whatever its result)."""
 
 
 class NullTracker:
+    """A tracker that shows nothing (JSON output, no terminal, tests)."""
+
     def phase(self, name: str, total: int) -> None:
-        pass
+        """Nothing to show."""
 
     def advance(self) -> None:
-        pass
+        """Nothing to show."""
 
 
 def new_owner() -> str:
+    """A lock owner name unique to this reconciler process (`reconcile:host:pid:random`), as it
+    appears on the per-mail locks it takes."""
     return f"reconcile:{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
 
 
@@ -199,6 +225,12 @@ def orphan_envelope(head_bytes: bytes) -> tuple[str, dict[str, str]]:
 
 
 class Reconciler:
+    """Runs reconciler passes: recover orphans, requeue stuck deliveries, archive finished mails.
+
+    Safe to run beside workers and beside another reconciler: every ledger write is conditional
+    and archive moves take the per-mail lock. `should_stop` is polled between items, so a
+    signal ends a pass early with the work done so far reported."""
+
     def __init__(
         self,
         settings: Settings,
@@ -230,6 +262,11 @@ class Reconciler:
         )
 
     async def run_pass(self) -> PassReport:
+        """Run the selected phases once (orphans, requeue, archive, in that order), each bounded by
+        `options.limit`; with `dry_run` nothing is written.
+
+        A backend error on one item is an `error` action and the pass goes on; one that stops a
+        whole phase (listing the table or the bucket) raises `MailflowError`."""
         report = PassReport(dry_run=self.options.dry_run, started_at=self._clock())
         steps = {"orphans": self._orphans, "requeue": self._requeue, "archive": self._archive}
         for phase in PHASES:

@@ -40,6 +40,10 @@ def operator_id() -> str:
 
 @dataclass(slots=True)
 class RetryResult:
+    """What `mailflow retry` did for one mail: `result` (see the field's values), the recipients
+    reopened, where the object was restored from (None if it was still in incoming) and the
+    deliveries refused with why."""
+
     mail_id: str
     result: str  # retried | would_retry | nothing_to_retry | not_found | busy | object_missing
     recipients: list[str] = field(default_factory=list)
@@ -48,9 +52,11 @@ class RetryResult:
 
     @property
     def ok(self) -> bool:
+        """True when the mail was retried (or would be, in a dry run)."""
         return self.result in {"retried", "would_retry"}
 
     def as_json(self) -> dict[str, Any]:
+        """The result as `mailflow retry --json` prints it."""
         return {
             "mail_id": self.mail_id,
             "result": self.result,
@@ -100,6 +106,12 @@ async def failed_mail_ids(ledger: Ledger, since: float | None, limit: int) -> li
 
 
 class Retrier:
+    """Reopens a mail's failed deliveries (restoring its archived object) and queues it again.
+
+    Works under the mail's ledger lock and re-reads the deliveries under it, so it is safe
+    against a reconciler archiving the same mail. Quarantined deliveries need `force`, which
+    also sends the mail without its SES verdicts so the worker does not quarantine it again."""
+
     def __init__(
         self,
         settings: Settings,
@@ -121,6 +133,12 @@ class Retrier:
         self.archiver = Archiver(settings, clients.s3, self.ledger, owner=self.owner, clock=clock)
 
     async def retry(self, mail_id: str) -> RetryResult:
+        """Retry one mail's failed deliveries; returns what happened, never raises for a mail that
+        cannot be retried (`not_found`, `nothing_to_retry`, `busy`, `object_missing`).
+
+        Each delivery is reopened by a conditional write (it must still be failed or archived),
+        then the object is put back at its incoming key, then one notification for the reopened
+        recipients is queued. Backend errors raise `MailflowError`."""
         records = await self.ledger.get_mail(mail_id)
         if not records:
             return RetryResult(mail_id, "not_found")
