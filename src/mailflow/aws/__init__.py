@@ -17,6 +17,7 @@ from mailflow.aws.boundary import (
     error_code,
     map_error,
     open_clients,
+    requests_sent,
 )
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "error_code",
     "map_error",
     "open_clients",
+    "requests_sent",
 ]

@@ -25,7 +25,7 @@ from typing import Any
 
 import structlog
 
-from mailflow.aws import AwsClients
+from mailflow.aws import AwsClients, requests_sent
 from mailflow.aws.ledger import DeliveryKey, Ledger
 from mailflow.aws.queue import BATCH, Message, Queue
 from mailflow.aws.store import KeyRing, make_spool_dir
@@ -195,7 +195,7 @@ class Worker:
             await self.processor.close()
             with contextlib.suppress(OSError):
                 spool_dir.rmdir()
-        log.info("worker_stopped", exit_code=code, **self.stats)
+        log.info("worker_stopped", exit_code=code, aws_requests=requests_sent(), **self.stats)
         return code
 
     async def _last_poll(self, receiver: asyncio.Task[None]) -> None:
