@@ -230,7 +230,7 @@ class Consumer:
     events: list[dict[str, Any]] = field(default_factory=list)
     other: list[str] = field(default_factory=list)
     cpu_marks: dict[int, tuple[float, float, float]] = field(default_factory=dict)
-    backend_pid: int = 0
+    backend: Any = None  # backend.Backend, whose CPU is sampled beside the consumer's
     started: threading.Event = field(default_factory=threading.Event)
 
     def start(self, stdout_path: Path) -> None:
@@ -263,7 +263,7 @@ class Consumer:
                 self.deliveries.append(doc)
                 n = len(self.deliveries)
                 if n in self.window:
-                    backend = cpu_s(self.backend_pid) if self.backend_pid else 0.0
+                    backend = self.backend.cpu_s() if self.backend else {}
                     self.cpu_marks[n] = (time.time(), cpu_s(self.proc.pid), backend)
                 self.done.add()
             elif event is not None:

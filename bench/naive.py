@@ -24,8 +24,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import boto3
+from botocore import xform_name
 
 stopping = False
 
@@ -45,6 +48,17 @@ def main() -> int:
     sqs = boto3.client("sqs")
     s3 = boto3.client("s3")
     ddb = boto3.client("dynamodb")
+    requests: dict[str, int] = {}  # by "<service>.<client method>", like the worker's count
+
+    def count(prefix: str) -> Callable[..., None]:
+        def counted(model: Any, **_: object) -> None:
+            name = f"{prefix}.{xform_name(model.name)}"
+            requests[name] = requests.get(name, 0) + 1
+
+        return counted
+
+    for client, prefix in ((sqs, "sqs"), (s3, "s3"), (ddb, "ddb")):
+        client.meta.events.register("before-call", count(prefix))
     worker = f"naive:{os.getpid()}"
     print(json.dumps({"event": "naive_started", "pid": os.getpid()}), flush=True)
     while not stopping:
@@ -135,6 +149,7 @@ def main() -> int:
                 ),
                 flush=True,
             )
+    print(json.dumps({"event": "naive_stopped", "aws_requests": requests}), flush=True)
     return 0
 
 

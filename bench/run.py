@@ -31,6 +31,8 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -41,8 +43,8 @@ from typing import Any
 
 import boto3
 
+import backend
 from analysis import analyse, machine, read_sizes, read_times, stamps_of
-from backend import Moto, aws_env
 from load import (
     BENCH,
     MATCH,
@@ -68,7 +70,7 @@ def run_throughput(
     kind: str,
     args: argparse.Namespace,
     tmp: Path,
-    moto: Moto,
+    aws: backend.Backend,
     extra_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     times = tmp / f"times-{kind}.txt"
@@ -100,9 +102,10 @@ def run_throughput(
             MAILFLOW_LOOP_LAG_PROBE=str(lag_file),
             **(extra_env or {}),
         )
-    consumer.backend_pid = moto.proc.pid
+    consumer.backend = aws
     consumer.start(tmp / f"{kind}.out")
     consumer.wait_started()
+    spy = py_spy(args, kind, consumer.proc.pid)
     canary_file = tmp / f"canary-{kind}.json"
     canary = subprocess.Popen(
         [sys.executable, str(BENCH / "canary.py"), str(canary_file)],
@@ -110,16 +113,17 @@ def run_throughput(
     )
     assert canary.stdout is not None
     canary.stdout.readline()
-    moto.calls()  # reset the per-operation counter
     producer = Producer(phase, key, stores(50), n, args.depth, consumer.done)
     started = time.monotonic()
     producer.start()
     consumer.wait_done(n, timeout_s=max(120, n * 2.0))
     wall_s = time.monotonic() - started
     hwm_kib = consumer.hwm_kib() or 0  # while the process is alive
-    calls = moto.calls()
     canary.terminate()
     canary.wait(10)
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+        spy.wait(60)
     code = consumer.stop()
     result = analyse(
         consumer,
@@ -128,17 +132,15 @@ def run_throughput(
         canary_file,
     )
     result["vm_hwm_mb"] = round(hwm_kib / 1024, 1)
-    consumer_calls = {
-        op: count
-        for op, count in sorted(calls.items())
-        if op not in {"sqs.SendMessageBatch", "s3.PUT"}  # the producer's
-    }
+    stopped = next(
+        (e for e in consumer.events if e.get("event") in {"worker_stopped", "naive_stopped"}), {}
+    )
+    consumer_calls = dict(sorted(stopped.get("aws_requests", {}).items()))
     result["aws_calls_per_delivery"] = {
         op: round(count / n, 2) for op, count in consumer_calls.items()
     }
     result["aws_calls_per_delivery_total"] = round(sum(consumer_calls.values()) / n, 2)
     if kind != "naive":
-        stopped = next((e for e in consumer.events if e.get("event") == "worker_stopped"), {})
         result["worker_stats"] = {
             k: v for k, v in stopped.items() if k not in {"event", "timestamp", "level"}
         }
@@ -147,6 +149,22 @@ def run_throughput(
     result["exit_code"] = code
     result["wall_s_total"] = round(wall_s, 2)
     return result
+
+
+def py_spy(args: argparse.Namespace, kind: str, pid: int) -> subprocess.Popen[bytes] | None:
+    """With --py-spy DIR: sample `pid`'s on-CPU stacks (idle waits excluded) into DIR."""
+    if args.py_spy is None:
+        return None
+    exe = shutil.which("py-spy")
+    if exe is None:
+        raise RuntimeError("--py-spy needs py-spy on PATH (pip install py-spy)")
+    args.py_spy.mkdir(parents=True, exist_ok=True)
+    out = args.py_spy / f"{kind}.txt"
+    return subprocess.Popen(
+        [exe, "record", "--pid", str(pid), "--rate", "250", "--format", "raw", "-o", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def run_rss(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -269,21 +287,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--big-mib", type=int, default=40)
     parser.add_argument("--rss-processor-ms", type=int, default=3000)
     parser.add_argument("--flood", type=int, default=300, help="fairness: flood size")
+    parser.add_argument(
+        "--backend",
+        choices=backend.KINDS,
+        default="moto",
+        help="emulators: DynamoDB on dynalite, S3/SQS/SNS on LocalStack (make backends); moto",
+    )
     parser.add_argument("--skip", default="", help="comma list: naive,worker,fastcgi,rss,fairness")
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     parser.add_argument("--profile", type=Path, help="run workers under cProfile, .prof files here")
+    parser.add_argument(
+        "--py-spy", type=Path, help="sample each throughput consumer with py-spy, stacks here"
+    )
     args = parser.parse_args(argv)
     if args.profile:
         args.profile.mkdir(parents=True, exist_ok=True)
         PROFILE_DIR.append(args.profile.resolve())
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
 
-    moto = Moto()
-    os.environ.update(aws_env(moto.url))
-    os.environ.pop("AWS_PROFILE", None)
+    with contextlib.suppress(OSError):
+        (args.out / "logs").mkdir(parents=True, exist_ok=True)
+    print(f"bench: starting the {args.backend} backend …", file=sys.stderr, flush=True)
+    aws = backend.start(args.backend, args.out / "logs")
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        del os.environ[name]  # the backend's endpoints and credentials, nothing of the caller's
+    os.environ.update(aws.env)
     res: dict[str, Any] = {
         "machine": machine(),
-        "backend": moto.name,
+        "backend": aws.name,
+        "backend_kind": aws.kind,
         "params": {k: (shown(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "skipped": [],
     }
@@ -293,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             for kind in ("naive", "worker"):
                 if kind not in skip:
                     print(f"bench: {kind} …", file=sys.stderr, flush=True)
-                    res[kind] = run_throughput(kind, args, tmp, moto)
+                    res[kind] = run_throughput(kind, args, tmp, aws)
             if "fastcgi" not in skip:
                 fpm = start_fpm(args, tmp)
                 if fpm is None:
@@ -307,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                             "fastcgi",
                             args,
                             tmp,
-                            moto,
+                            aws,
                             {
                                 "MAILFLOW_PROCESSOR_TRANSPORT": "fastcgi",
                                 "MAILFLOW_FASTCGI_ADDRESS": fpm[1],
@@ -323,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("bench: fairness …", file=sys.stderr, flush=True)
                 res["fairness"] = run_fairness(args, tmp)
     finally:
-        moto.stop()
+        aws.stop()
     res["targets"] = verdicts(res)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")

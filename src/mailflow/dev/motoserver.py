@@ -41,16 +41,9 @@ def _serialize_dynamodb(app: WsgiApp) -> WsgiApp:
 class MotoServer:
     """A moto server on 127.0.0.1 in a background thread. `url` once started."""
 
-    def __init__(
-        self,
-        port: int = 0,
-        host: str = "127.0.0.1",
-        middleware: Callable[[WsgiApp], WsgiApp] | None = None,
-    ) -> None:
-        """`middleware`, if given, wraps the WSGI app (outermost): a request counter, say."""
+    def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
         self._host = host
         self._port = port
-        self._middleware = middleware
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -73,8 +66,6 @@ class MotoServer:
 
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
         app = _serialize_dynamodb(DomainDispatcherApplication(create_backend_app))
-        if self._middleware is not None:
-            app = self._middleware(app)
         self._server = make_server(
             self._host,
             self._port,
@@ -105,15 +96,12 @@ class MotoServer:
         self.stop()
 
 
-def main(
-    argv: list[str] | None = None, middleware: Callable[[WsgiApp], WsgiApp] | None = None
-) -> int:
-    """Run a server until interrupted; print its URL as `MOTO_URL=…` once it listens."""
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run an embedded moto server on loopback.")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args(argv)
-    server = MotoServer(args.port, args.host, middleware).start()
+    server = MotoServer(args.port, args.host).start()
     sys.stdout.write(f"MOTO_URL={server.url}\n")
     sys.stdout.flush()
     try:
