@@ -140,12 +140,20 @@ class Ledger:
         token: str,
         lease_s: float,
         meta: Mapping[str, Any],
+        carrier: str | None = None,
     ) -> Claimed | Busy:
+        """Claim the delivery for one attempt. `carrier` is the SQS MessageId of the message
+        this attempt runs for: the one copy that stays queued until the delivery is terminal,
+        so another copy that finds the lease held may be deleted (see the worker)."""
         now = self._clock()
         upd = Update()
         upd.set("status", Status.PROCESSING.value)
         upd.set("lease_owner", worker)
         upd.set("lease_token", token)
+        if carrier is not None:
+            upd.set("lease_message", carrier)
+        else:
+            upd.remove("lease_message")
         upd.set("lease_expires_at", now + lease_s)
         upd.set("started_at", now)
         upd.set("updated_at", now)

@@ -212,7 +212,10 @@ class Deliverer:
         plan: DeliveryPlan,
         recipient: str,
         leases: dict[DeliveryKey, str] | None = None,
+        *,
+        message_id: str | None = None,
     ) -> Settlement:
+        """One attempt for the SQS message `message_id` (recorded as the lease's carrier)."""
         key = DeliveryKey(ref.mail_id, recipient)
         token = secrets.token_hex(16)
         claim = await self.ledger.claim(
@@ -221,9 +224,10 @@ class Deliverer:
             token=token,
             lease_s=self.settings.lease_s,
             meta=self._meta(ref, plan.route) | {"argv": list(plan.argv)},
+            carrier=message_id,
         )
         if isinstance(claim, Busy):
-            return self._busy_fate(ref, recipient, claim)
+            return self._busy_fate(ref, recipient, claim, message_id)
         if leases is not None:
             leases[key] = token  # from now on the heartbeat renews it
         try:
@@ -232,16 +236,24 @@ class Deliverer:
             if leases is not None:
                 leases.pop(key, None)
 
-    def _busy_fate(self, ref: MailRef, recipient: str, busy: Busy) -> Settlement:
+    def _busy_fate(
+        self, ref: MailRef, recipient: str, busy: Busy, message_id: str | None
+    ) -> Settlement:
+        carrier = busy.record.get("lease_message")
+        # A live run for another SQS message holds the lease: that message carries the
+        # delivery (it stays queued until the delivery is terminal, and comes back if the run
+        # dies), so this copy is not needed. Deferred instead, it would come back every
+        # lease period and could pass maxReceiveCount into the DLQ during a long run.
+        covered = busy.why == "leased" and carrier is not None and carrier != message_id
         log.info(
-            "duplicate" if busy.why == "terminal" else "deferred",
+            "duplicate" if busy.why == "terminal" or covered else "deferred",
             mail_id=ref.mail_id,
             recipient=recipient,
-            why=busy.why,
+            why="live_run_elsewhere" if covered else busy.why,
             status=busy.record.get("status"),
             until_s=busy.until_s,
         )
-        if busy.why == "terminal":
+        if busy.why == "terminal" or covered:
             return DONE
         return Settlement(defer_until_s=busy.until_s)
 

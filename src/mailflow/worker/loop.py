@@ -417,7 +417,10 @@ class Worker:
             # One lease dict per held message: a worker can hold the same delivery twice (a
             # stalled run and its own takeover), and each run's lease is renewed on its own.
             task = asyncio.create_task(
-                self.deliverer.deliver(ref, plan, recipient, held.leases), context=ctx
+                self.deliverer.deliver(
+                    ref, plan, recipient, held.leases, message_id=msg.message_id
+                ),
+                context=ctx,
             )
             held.tasks[key] = task
             try:
