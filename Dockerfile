@@ -26,7 +26,10 @@ WORKDIR /build
 # used as a *constraint* it pins every runtime dependency to the locked version while
 # installing only what pyproject.toml's [project].dependencies actually need.
 COPY requirements.lock pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > runtime-requirements.txt \
+# Optional extras, comma-separated: empty for the worker image; `dev` adds moto's server for
+# the moto variant of docker-compose.yml (never in a production image).
+ARG MAILFLOW_EXTRAS=""
+RUN python -c "import os, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; extras = [e for e in os.environ['MAILFLOW_EXTRAS'].split(',') if e]; print('\n'.join(p['dependencies'] + [d for e in extras for d in p['optional-dependencies'][e]]))" > runtime-requirements.txt \
  && /opt/mailflow/bin/pip install --only-binary=:all: \
         --constraint requirements.lock --requirement runtime-requirements.txt
 

@@ -15,6 +15,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -526,6 +527,8 @@ def _stages(dockerfile: str) -> list[list[str]]:
             continue
         if line.upper().startswith("FROM "):
             stages.append([])
+        elif not stages:
+            continue  # a global ARG before the first FROM (e.g. the base image's version)
         stages[-1].append(line)
     return stages
 
@@ -594,30 +597,123 @@ def test_compose_file_matches_the_compose_spec():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_compose_backends_localstack_by_default_moto_by_profile(compose):
-    services = compose["services"]
-    ls, moto = services["localstack"], services["moto"]
-    assert "profiles" not in ls  # plain `docker compose up` runs on LocalStack
-    assert moto["profiles"] == ["moto"]
-    for backend in (ls, moto):
-        assert "healthcheck" in backend
-    assert ls["environment"]["SERVICES"] == "s3,sqs,sns,dynamodb"
+VARIANTS = ("localstack", "moto")
+
+
+def _active(compose: dict[str, Any], profiles: set[str]) -> dict[str, Any]:
+    """The services `docker compose --profile P ... up` starts (no profiles: always)."""
+    return {
+        name: service
+        for name, service in compose["services"].items()
+        if not service.get("profiles") or set(service["profiles"]) & profiles
+    }
+
+
+def _clashes(services: dict[str, Any]) -> list[str]:
+    """What two services of one running project would fight over."""
+    found = []
+    seen: dict[str, str] = {}
+    for name, service in services.items():
+        for mapping in service.get("ports", []):
+            host = mapping.rsplit(":", 1)[0]  # ip:host_port (the container port is per service)
+            if host in seen:
+                found.append(f"port {host}: {seen[host]} and {name}")
+            seen[host] = name
+    names = [s["container_name"] for s in services.values() if "container_name" in s]
+    found += [f"container_name {n}" for n in set(names) if names.count(n) > 1]
+    aliases = [
+        alias
+        for s in services.values()
+        for net in (s.get("networks") or {}).values()
+        for alias in (net or {}).get("aliases", [])
+    ]
+    found += [f"network alias {a}" for a in set(aliases) if aliases.count(a) > 1]
+    built: dict[str, Any] = {}
+    for name, service in services.items():
+        if "build" in service:
+            image = service["image"]
+            if image in built and built[image] != service["build"]:
+                found.append(f"image {image}: two different builds ({name})")
+            built[image] = service["build"]
+    return found
+
+
+@pytest.mark.parametrize("profile", VARIANTS)
+def test_each_compose_variant_starts_alone_without_clashes(compose, profile):
+    services = _active(compose, {profile})
+    assert {n for n in services if n in VARIANTS} == {profile}, "exactly its own backend"
+    assert not _clashes(services)
+    [backend] = [services[profile]]
+    assert backend["networks"]["default"]["aliases"] == ["aws"]
+    assert "healthcheck" in backend
+    # Every mailflow service reaches the running backend through the alias, with botocore's
+    # own variable, and waits for it.
+    for name in ("provision", "worker", "reconciler", "smtp"):
+        assert services[name]["environment"]["AWS_ENDPOINT_URL"] == "http://aws:4566"
+    deps = services["provision"]["depends_on"]
+    assert deps[profile] == {"condition": "service_healthy", "required": False}
+    for name, service in services.items():
+        for target, dep in (service.get("depends_on") or {}).items():
+            assert target in services or dep.get("required") is False, (name, target)
+
+
+def test_the_clash_check_sees_both_backends_at_once(compose):
+    """The check above can fail: both profiles at once publish 4566 twice (and two `aws`)."""
+    clashes = _clashes(_active(compose, set(VARIANTS)))
+    assert any("127.0.0.1:4566" in c for c in clashes)
+    assert any("alias aws" in c for c in clashes)
+
+
+def test_compose_needs_a_variant(compose):
+    """No service runs without a profile: a plain `up` cannot start half a stack."""
+    assert not _active(compose, set())
+    assert "${MAILFLOW_BACKEND" not in (REPO / "docker-compose.yml").read_text(encoding="utf-8")
+
+
+def test_compose_localstack_is_a_free_pinned_tag(compose):
+    ls = compose["services"]["localstack"]
+    assert set(ls["environment"]["SERVICES"].split(",")) >= {"s3", "sqs", "sns", "dynamodb"}
     # LocalStack's free community builds end at 4.14; later tags need an auth token.
     image, tag = ls["image"].split(":")
     assert image == "localstack/localstack"
     assert tuple(int(x) for x in tag.split(".")[:2]) <= (4, 14)
     assert "LOCALSTACK_AUTH_TOKEN" in ls["environment"]
-    assert re.fullmatch(r"motoserver/moto:\d+\.\d+\.\d+", moto["image"])
-    for name, service in services.items():
+    for name, service in compose["services"].items():
         if "image" in service and "build" not in service:
             assert not service["image"].endswith(":latest"), name
-    # Every mailflow service talks to the alias through botocore's own variable.
-    for name in ("provision", "worker", "reconciler", "smtp"):
-        endpoint = services[name]["environment"]["AWS_ENDPOINT_URL"]
-        assert endpoint == "http://${MAILFLOW_BACKEND:-localstack}:4566"
-        backend_deps = services["provision"]["depends_on"]
-        assert backend_deps["localstack"] == {"condition": "service_healthy", "required": False}
-        assert backend_deps["moto"] == {"condition": "service_healthy", "required": False}
+
+
+def test_compose_moto_is_mailflows_own_server(compose):
+    """The stock moto image lacks the DynamoDB serialization that claims rely on; the moto
+    variant runs mailflow.dev.motoserver from the worker image with the dev extra. Its exact
+    command and health check are run here against a real server."""
+    moto = compose["services"]["moto"]
+    assert moto["build"]["args"] == {"MAILFLOW_EXTRAS": "dev"}
+    assert moto["image"] != compose["services"]["worker"]["image"]
+    dev_extra = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    assert any(
+        d.startswith("moto[server]") for d in dev_extra["project"]["optional-dependencies"]["dev"]
+    )
+    assert "ARG MAILFLOW_EXTRAS" in (REPO / "Dockerfile").read_text(encoding="utf-8")
+    assert moto["entrypoint"] == ["python", "-m", "mailflow.dev.motoserver"]
+    command = [a if a != "0.0.0.0" else "127.0.0.1" for a in moto["command"]]
+    command[command.index("--port") + 1] = "0"  # a free port here; 4566 in the container
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mailflow.dev.motoserver", *command],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        url = server.stdout.readline().strip().removeprefix("MOTO_URL=")
+        port = url.rsplit(":", 1)[1]
+        check = moto["healthcheck"]["test"]
+        assert check[:2] == ["CMD", "python"]
+        probe = check[3].replace("127.0.0.1:4566", f"127.0.0.1:{port}")
+        subprocess.run([sys.executable, "-c", probe], check=True, timeout=30)
+    finally:
+        server.terminate()
+        server.communicate(timeout=10)  # reaps it and closes its stdout
 
 
 def test_compose_start_order(compose):
