@@ -9,7 +9,7 @@ CHECKOV_VENV  ?= .venv-checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 LINTED  := src tests examples $(wildcard bench)
 
-.PHONY: run test lint typecheck unit chaos bench clean terraform-shapes
+.PHONY: run test lint typecheck unit chaos bench backends clean terraform-shapes
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,32 @@ $(CHECKOV_STAMP): requirements-checkov.lock
 ## terraform-shapes: regenerate the Terraform module's copy of mailflow.aws.shapes
 terraform-shapes: $(STAMP)
 	$(BIN)/python -c "from pathlib import Path; from mailflow.aws import shapes; shapes.write_terraform_locals(Path('infra/terraform/modules/mailflow/shapes.tf.json'))"
+
+# The second backend (dynalite for DynamoDB, LocalStack for S3/SQS/SNS), installed outside the
+# repository's tracked files; the stamps name the versions, so a bump reinstalls.
+MAILFLOW_BACKENDS_DIR ?= var
+DYNALITE     := dynalite@4.0.0
+LOCALSTACK   := 'localstack-core[runtime]==4.13.1' 'cbor2<6' pyopenssl==25.3.0 service_identity
+NODE_STAMP   := $(MAILFLOW_BACKENDS_DIR)/node/.installed-$(DYNALITE)
+LS_VENV      := $(MAILFLOW_BACKENDS_DIR)/localstack-venv
+LS_STAMP     := $(LS_VENV)/.installed-4.13.1
+
+## backends: install dynalite (npm) and LocalStack (own venv) for the second-backend tests
+backends: $(NODE_STAMP) $(LS_STAMP)
+
+$(NODE_STAMP):
+	mkdir -p $(MAILFLOW_BACKENDS_DIR)/node
+	test -f $(MAILFLOW_BACKENDS_DIR)/node/package.json \
+		|| echo '{"private": true}' > $(MAILFLOW_BACKENDS_DIR)/node/package.json
+	npm install --prefix $(MAILFLOW_BACKENDS_DIR)/node --no-audit --no-fund --loglevel=error $(DYNALITE)
+	touch $@
+
+# Its own venv: LocalStack pins versions (boto, werkzeug, ...) that conflict with ours.
+$(LS_STAMP):
+	$(PY) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install --quiet --upgrade pip
+	$(LS_VENV)/bin/pip install --quiet $(LOCALSTACK)
+	touch $@
 
 ## run: the embedded default: moto server, provision, worker, sample mails (Ctrl-C stops)
 run: $(STAMP)

@@ -5,7 +5,10 @@ The folders say what a test is:
 - tests/contract: one suite run against every backend, so in-memory fakes cannot drift from
   the real behaviour.
 - tests/e2e: the real things together: moto server over HTTP, php-cli / php-fpm processes,
-  worker processes and signals.
+  worker processes and signals. A test parametrizing the `backend` fixture with BACKENDS
+  runs on a second, independent backend too: LocalStack (S3, SQS, SNS) and dynalite
+  (DynamoDB), one of each per session, reached through the per-service endpoint variables;
+  skipped without `make backends`, failed without it when CI is set.
 - tests/deploy: the deployment files (ecspresso jsonnet, IAM, Dockerfiles, compose) rendered
   and validated against the AWS request schemas. No server, but jsonnet renders are slow.
 
@@ -16,6 +19,7 @@ depends on an async pytest plugin. Shared helpers are imported from tests/suppor
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import uuid
 from collections.abc import Iterator
@@ -26,8 +30,17 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))  # `support` and `chaos`, from any folder
 
 from mailflow.config import Settings
+from mailflow.dev.backend_process import BackendNotInstalledError
+from mailflow.dev.dynalite import Dynalite
+from mailflow.dev.localstack import LocalStack
 from mailflow.dev.motoserver import MotoServer
-from support.harness import Env, behave_route, provision_settings, require_binary
+from support.harness import (
+    SERVICE_ENDPOINT_VARS,
+    Env,
+    behave_route,
+    provision_settings,
+    require_binary,
+)
 from support.php_fpm import PHP_FPM_NAMES
 
 TESTS = Path(__file__).parent
@@ -62,9 +75,80 @@ def moto_url() -> Iterator[str]:
         yield server.url
 
 
+def _require_backends(exc: BackendNotInstalledError) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"the second backend is required in CI: {exc}")
+    pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def aws_like_endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """LocalStack + dynalite, started once per session: {endpoint variable: URL}."""
+    logs = tmp_path_factory.mktemp("backends")
+    try:
+        dynalite = Dynalite(log_path=logs / "dynalite.log").start()
+    except BackendNotInstalledError as exc:
+        _require_backends(exc)
+        raise
+    try:
+        localstack = LocalStack(log_path=logs / "localstack.log").start()
+    except BaseException as exc:
+        dynalite.stop()
+        if isinstance(exc, BackendNotInstalledError):
+            _require_backends(exc)
+        raise
+    sys.stderr.write(
+        f"\nsecond backend: localstack up in {localstack.start_s:.1f}s,"
+        f" dynalite in {dynalite.start_s:.1f}s\n",
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        mp.delenv("AWS_PROFILE", raising=False)
+        try:
+            yield {
+                "AWS_ENDPOINT_URL_S3": localstack.url,
+                "AWS_ENDPOINT_URL_SQS": localstack.url,
+                "AWS_ENDPOINT_URL_SNS": localstack.url,
+                "AWS_ENDPOINT_URL_DYNAMODB": dynalite.url,
+            }
+        finally:
+            localstack.stop()
+            dynalite.stop()
+
+
 @pytest.fixture
-def env(moto_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Env:
-    """Fresh bucket, topic, queue + DLQ and table on the moto server; behave.php routed."""
+def backend() -> str:
+    """moto unless a test parametrizes this fixture with BACKENDS."""
+    return "moto"
+
+
+@pytest.fixture
+def aws_endpoints(
+    backend: str,
+    request: pytest.FixtureRequest,
+    monkeypatch: pytest.MonkeyPatch,
+) -> dict[str, str]:
+    """Point every AWS client of this test (and its subprocesses) at the chosen backend."""
+    if backend == "moto":
+        url = request.getfixturevalue("moto_url")
+        for name in SERVICE_ENDPOINT_VARS:
+            monkeypatch.delenv(name, raising=False)
+        return dict.fromkeys(SERVICE_ENDPOINT_VARS, url)
+    if backend != "localstack+dynalite":
+        raise ValueError(f"unknown backend {backend!r}")
+    endpoints: dict[str, str] = request.getfixturevalue("aws_like_endpoints")
+    # Nothing may fall through to moto: no global endpoint while the test runs.
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    for name, url in endpoints.items():
+        monkeypatch.setenv(name, url)
+    return endpoints
+
+
+@pytest.fixture
+def env(aws_endpoints: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Env:
+    """Fresh bucket, topic, queue + DLQ and table on the test's backend; behave.php routed."""
     uid = uuid.uuid4().hex[:10]
     ledger_dir = tmp_path / "ledger"
     ledger_dir.mkdir()

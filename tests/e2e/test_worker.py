@@ -17,7 +17,7 @@ from mailflow.aws.queue import Queue
 from mailflow.dev.ses import new_message_id, received_notification
 from mailflow.routing import delivery_id
 from mailflow.worker.loop import Worker
-from support.harness import SIMPLE_MAIL, Env, all_terminal, run_worker_until
+from support.harness import BACKENDS, SIMPLE_MAIL, Env, all_terminal, run_worker_until
 
 pytestmark = pytest.mark.php
 
@@ -35,6 +35,7 @@ def run(coro):
     return asyncio.run(coro)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_success_records_outcome_and_deletes_message(env: Env) -> None:
     async def scenario() -> None:
         async with open_clients() as clients:
@@ -53,6 +54,7 @@ def test_success_records_outcome_and_deletes_message(env: Env) -> None:
     assert env.queue_counts() == {"visible": 0, "in_flight": 0}
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_three_copies_of_one_notification_run_once(env: Env, monkeypatch) -> None:
     async def scenario() -> str:
         async with open_clients() as clients:
@@ -82,6 +84,7 @@ def test_three_copies_of_one_notification_run_once(env: Env, monkeypatch) -> Non
     assert len(env.starts(did)) == 1
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_tempfail_is_retried_then_succeeds(env: Env) -> None:
     async def scenario() -> None:
         async with open_clients() as clients:

@@ -33,6 +33,17 @@ TESTS = Path(__file__).parent.parent
 REPO = TESTS.parent
 BEHAVE = TESTS / "processors" / "behave.php"
 
+#: The backends an end-to-end test can run on: `@pytest.mark.parametrize("backend", BACKENDS)`.
+#: The second validates like AWS (LocalStack for S3/SQS/SNS, dynalite for DynamoDB).
+BACKENDS = ("moto", "localstack+dynalite")
+#: The per-service endpoint variables botocore reads before AWS_ENDPOINT_URL.
+SERVICE_ENDPOINT_VARS = (
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL_SQS",
+    "AWS_ENDPOINT_URL_SNS",
+    "AWS_ENDPOINT_URL_DYNAMODB",
+)
+
 
 #: Where daemons live on Debian: php-fpm8.2 is in /usr/sbin, which a user's PATH may lack.
 EXTRA_SBIN = "/usr/sbin:/usr/local/sbin:/sbin"
@@ -75,7 +86,8 @@ class Env:
     # --- the backend, synchronously (boto3), for assertions ---------------------------------
 
     def boto(self, service: str) -> Any:
-        return boto3.client(service, endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+        # The endpoint comes from AWS_ENDPOINT_URL_<SERVICE> or AWS_ENDPOINT_URL, as the worker's.
+        return boto3.client(service)
 
     def queue_url(self, dlq: bool = False) -> str:
         name = self.settings.dlq if dlq else self.settings.queue

@@ -95,19 +95,36 @@ class Ledger:
         *,
         deadline_s: float | None = None,
     ) -> dict[str, Any]:
-        resp = await aws.call(
-            op,
-            self._ddb.update_item,
-            deadline_s=deadline_s,
-            TableName=self.table,
-            Key=key.as_key(),
-            UpdateExpression=upd.expression(),
-            ConditionExpression=condition,
-            ExpressionAttributeNames=upd.names,
-            ExpressionAttributeValues=upd.values,
-            ReturnValues=returns,
-            ReturnValuesOnConditionCheckFailure="ALL_OLD",
-        )
+        try:
+            resp = await aws.call(
+                op,
+                self._ddb.update_item,
+                deadline_s=deadline_s,
+                TableName=self.table,
+                Key=key.as_key(),
+                UpdateExpression=upd.expression(),
+                ConditionExpression=condition,
+                ExpressionAttributeNames=upd.names,
+                ExpressionAttributeValues=upd.values,
+                ReturnValues=returns,
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
+        except ConditionFailedError as exc:
+            if exc.item is not None:
+                raise
+            # A backend without ReturnValuesOnConditionCheckFailure (dynalite, older DynamoDB
+            # Local) sends no item: without one a claim cannot tell whose the delivery is, and
+            # would defer a finished delivery's duplicate until the redrive limit. Read it.
+            raw = await aws.call(
+                "ddb.GetItem",
+                self._ddb.get_item,
+                deadline_s=deadline_s,
+                TableName=self.table,
+                Key=key.as_key(),
+                ConsistentRead=True,
+            )
+            item = raw.get("Item") or {}
+            raise ConditionFailedError(op, "condition failed (item read back)", item) from None
         return deserialize(resp.get("Attributes"))
 
     async def _update_or_none(
