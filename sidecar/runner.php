@@ -7,11 +7,19 @@
  * MAILFLOW_KILL_GRACE_S, MAILFLOW_TAIL_BYTES, optionally MAILFLOW_CWD, and the raw mail as the
  * request body. This script
  *
- *  - refuses unless argv starts with one of the prefixes in the *process* environment variable
- *    MAILFLOW_RUNNER_ALLOW (set by the pool config; a FastCGI param of the same name is ignored),
- *  - runs the command with proc_open in array form (no shell) with exactly the environment sent,
- *    in a new session and process group (`setsid` from util-linux execs the command in place:
- *    the child's pid is its process group id),
+ *  - trusts nothing the client sends about *how* to run: the program is looked up on the
+ *    runner's own fixed PATH (the pool's env[PATH]), never the PATH in MAILFLOW_ENV, and run by
+ *    its absolute path; the child's PATH is the runner's; variables that change how a program
+ *    or the loader behaves (LD_*, PHPRC, PHP_INI_SCAN_DIR, PHP_VALUE, BASH_ENV, ...) are
+ *    dropped from MAILFLOW_ENV; a request carrying php-fpm's PHP_VALUE / PHP_ADMIN_VALUE
+ *    params is refused,
+ *  - refuses unless argv, with its program resolved to an absolute path, starts with one of the
+ *    prefixes in the *process* environment variable MAILFLOW_RUNNER_ALLOW (set by the pool
+ *    config; a FastCGI param of the same name is ignored); a prefix's program is an absolute
+ *    path, or a bare name resolved on the runner's PATH,
+ *  - runs the command with proc_open in array form (no shell) with the environment sent (minus
+ *    the dropped variables, PATH replaced), in a new session and process group (`setsid` from
+ *    util-linux execs the command in place: the child's pid is its process group id),
  *  - streams the body to the child's stdin while draining its stdout and stderr (no deadlock),
  *  - on timeout sends SIGTERM to the whole group, then SIGKILL after the kill grace,
  *  - notices a vanished worker (the body ends early, or a keep-alive write fails) and kills the
@@ -36,6 +44,20 @@ const KEEPALIVE_S = 0.5;
 const PIPE_DRAIN_S = 1.0;
 const SIG_TERM = 15;
 const SIG_KILL = 9;
+/** The runner's PATH when the pool sets none (the pool config sets env[PATH]). */
+const FALLBACK_PATH = '/usr/local/bin:/usr/bin:/bin';
+/**
+ * Variables a client may not hand the legacy process: they change how the loader, libc, PHP
+ * or a shell behave rather than what the script is told. Exact names, and prefixes ending in _.
+ */
+const DROPPED_ENV = [
+    'LD_', 'DYLD_', 'MALLOC_', 'PHPRC', 'PHP_INI_SCAN_DIR', 'PHP_VALUE', 'PHP_ADMIN_VALUE',
+    'GLIBC_TUNABLES', 'GCONV_PATH', 'LOCPATH', 'NLSPATH', 'HOSTALIASES', 'RES_OPTIONS',
+    'LOCALDOMAIN', 'BASH_ENV', 'ENV', 'SHELLOPTS', 'BASHOPTS', 'PS4', 'IFS', 'CDPATH',
+    'PERL5OPT', 'PERL5LIB', 'PYTHONPATH', 'PYTHONSTARTUP', 'PYTHONHOME', 'RUBYOPT', 'NODE_OPTIONS',
+];
+/** FastCGI params php-fpm itself applies as ini settings of this very script. */
+const REFUSED_PARAMS = ['PHP_VALUE', 'PHP_ADMIN_VALUE'];
 
 final class Capture
 {
@@ -207,6 +229,28 @@ function allow_list(): ?array
     return $prefixes;
 }
 
+/**
+ * The allow-list with each prefix's program as an absolute path: a bare name is looked up on
+ * the runner's PATH (an absent program stays as written and matches nothing that runs).
+ *
+ * @param list<list<string>> $prefixes  @return list<list<string>>|null null: a relative path
+ */
+function absolute_prefixes(array $prefixes, string $runnerPath): ?array
+{
+    $out = [];
+    foreach ($prefixes as $prefix) {
+        $program = $prefix[0];
+        if (!str_starts_with($program, '/')) {
+            if (str_contains($program, '/')) {
+                return null;
+            }
+            $program = resolve_command($program, $runnerPath) ?? $program;
+        }
+        $out[] = [$program, ...array_slice($prefix, 1)];
+    }
+    return $out;
+}
+
 /** @param list<string> $argv  @param list<list<string>> $prefixes */
 function allowed(array $argv, array $prefixes): bool
 {
@@ -218,21 +262,43 @@ function allowed(array $argv, array $prefixes): bool
     return false;
 }
 
-/** What execvp(3) would run for $name with this PATH, or null: checked before spawning. */
-function resolve_command(string $name, ?string $path, ?string $cwd): ?string
+/**
+ * The absolute path of the program $name on the runner's PATH (an absolute $name as is), or
+ * null when it is not an executable file. A relative path with a slash is never resolved.
+ */
+function resolve_command(string $name, string $path): ?string
 {
     $executable = static fn (string $file): bool => is_file($file) && is_executable($file);
     if (str_contains($name, '/')) {
-        $file = ($name[0] === '/' || $cwd === null) ? $name : "$cwd/$name";
-        return $executable($file) ? $file : null;
+        return ($name[0] === '/' && $executable($name)) ? $name : null;
     }
-    foreach (explode(':', $path ?? '/bin:/usr/bin') as $dir) {
-        $dir = $dir === '' ? ($cwd ?? '.') : $dir;
-        if ($executable("$dir/$name")) {
+    foreach (explode(':', $path) as $dir) {
+        if (str_starts_with($dir, '/') && $executable("$dir/$name")) {
             return "$dir/$name";
         }
     }
     return null;
+}
+
+/**
+ * The environment the legacy process gets: what the client sent, minus DROPPED_ENV, with the
+ * runner's PATH. @param array<string, string> $env  @return array{array<string, string>, list<string>}
+ */
+function child_env(array $env, string $runnerPath): array
+{
+    $dropped = [];
+    foreach (array_keys($env) as $name) {
+        foreach (DROPPED_ENV as $banned) {
+            $hit = str_ends_with($banned, '_') ? str_starts_with($name, $banned) : $name === $banned;
+            if ($hit) {
+                $dropped[] = $name;
+                unset($env[$name]);
+                break;
+            }
+        }
+    }
+    $env['PATH'] = $runnerPath;
+    return [$env, $dropped];
 }
 
 /**
@@ -294,6 +360,11 @@ while (ob_get_level() > 0) {
 $started = now();
 
 try {
+    foreach (REFUSED_PARAMS as $name) {
+        if (param($name) !== null) {
+            throw new BadRequest("the $name param is not accepted");
+        }
+    }
     $argv = parse_argv(param('MAILFLOW_ARGV'));
     $env = parse_env(param('MAILFLOW_ENV'));
     $timeoutS = parse_number(param('MAILFLOW_TIMEOUT_S'), 'MAILFLOW_TIMEOUT_S', 0.001, 86400.0, null);
@@ -307,12 +378,17 @@ try {
 }
 
 $result = outcome_base($argv);
+// The runner's own PATH (the pool's env[PATH]): the only one used to find a program.
+$runnerPath = getenv('PATH', true) ?: FALLBACK_PATH;
 $prefixes = allow_list();
+$prefixes = $prefixes === null ? null : absolute_prefixes($prefixes, $runnerPath);
 if ($prefixes === null) {
-    error_log('mailflow runner: MAILFLOW_RUNNER_ALLOW is not a JSON list of argv prefixes');
-    respond(500, ['error' => 'runner misconfigured: MAILFLOW_RUNNER_ALLOW is not a JSON list of argv prefixes']);
+    $why = 'MAILFLOW_RUNNER_ALLOW is not a JSON list of argv prefixes whose programs are absolute paths or bare names';
+    error_log("mailflow runner: $why");
+    respond(500, ['error' => "runner misconfigured: $why"]);
 }
-if (!allowed($argv, $prefixes)) {
+$program = resolve_command($argv[0], $runnerPath);
+if (!allowed([$program ?? $argv[0], ...array_slice($argv, 1)], $prefixes)) {
     $shown = substr(json_encode($argv, JSON_UNESCAPED_SLASHES | JSON_INVALID_UTF8_SUBSTITUTE), 0, 300);
     $why = $prefixes === [] ? 'the runner allow-list is empty' : 'argv matches no prefix of the runner allow-list';
     error_log("mailflow runner: refused $shown: $why");
@@ -322,16 +398,19 @@ if (!allowed($argv, $prefixes)) {
 if ($cwd !== null && !is_dir($cwd)) {
     respond(200, ['error' => "spawn failed: cwd $cwd: No such directory"] + $result);
 }
-if (resolve_command($argv[0], $env['PATH'] ?? null, $cwd) === null) {
+if ($program === null) {
     respond(200, ['error' => "spawn failed: {$argv[0]}: No such file or executable"] + $result);
 }
-if (str_contains($argv[0], '=')) {
+if (str_contains($program, '=')) {
     // env(1) below would take it for a variable assignment.
     respond(200, ['error' => "spawn failed: {$argv[0]}: a command name containing '=' cannot be run"] + $result);
 }
-$runnerPath = getenv('PATH', true) ?: null;
-$setsid = resolve_command('setsid', $runnerPath, null);
-$envTool = resolve_command('env', $runnerPath, null);
+[$env, $dropped] = child_env($env, $runnerPath);
+if ($dropped !== []) {
+    error_log('mailflow runner: dropped from the environment sent: ' . implode(' ', $dropped));
+}
+$setsid = resolve_command('setsid', $runnerPath);
+$envTool = resolve_command('env', $runnerPath);
 if ($setsid === null || $envTool === null) {
     respond(500, ['error' => 'runner misconfigured: setsid (util-linux) or env (coreutils) not on PATH']);
 }
@@ -346,7 +425,8 @@ $command = [$setsid, '--wait', '--', $envTool, '-i', '--'];
 foreach ($env as $name => $value) {
     $command[] = "$name=$value";
 }
-array_push($command, ...$argv);
+// The resolved absolute path: env(1) must not search a PATH for the program.
+array_push($command, $program, ...array_slice($argv, 1));
 $descriptors = [0 => ['pipe', 'r'], 1 => ['pipe', 'w'], 2 => ['pipe', 'w']];
 // PHP does not close the php-fpm worker's descriptors (the listening socket, this request's
 // connection, the log pipe) in the child: cover each with /dev/null, so the legacy process
@@ -514,4 +594,5 @@ respond(200, [
     'stderr_tail' => base64_encode($captures[2]->tail),
     'stderr_bytes' => $captures[2]->total,
     'duration_s' => now() - $started,
+    'env_dropped' => $dropped,
 ] + $result);

@@ -33,6 +33,8 @@ from support.php_fpm import (
 )
 
 MIB = 1024 * 1024
+#: The PATH sidecar/pool.conf gives the runner (env[PATH]).
+POOL_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PHP_SCRIPTS = {
     # exit.php CODE [STDOUT] [STDERR]
     "exit.php": """
@@ -301,7 +303,9 @@ def test_env_is_exactly_what_was_sent(processor, scripts, mail, monkeypatch):
     env = {**BASE_ENV, "UTF8": "注文 ✓", "EMPTY": "", "QUOTE": "a'b\"c $x `y`"}
     result = run(processor, req(["php", scripts["env"]], mail, env=env))
     assert result.exit_code == 0, result.stderr_tail
-    assert json.loads(result.stdout_tail) == env
+    # Through the runner, PATH is the sidecar's own (runner.php never trusts the client's).
+    expected = env if isinstance(processor, ExecProcessor) else {**env, "PATH": POOL_PATH}
+    assert json.loads(result.stdout_tail) == expected
 
 
 def test_cwd(processor, scripts, mail, tmp_path):
@@ -431,6 +435,75 @@ def test_a_client_cannot_send_its_own_allow_list(fpm, mail):
 
     result = run(Sneaky(fpm.address, fpm.runner_script), req(["sh", "-c", "true"], mail))
     assert result.refused
+
+
+def _fake_php(directory: Path) -> Path:
+    """A `php` that is not PHP: it only says it ran."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fake = directory / "php"
+    fake.write_text("#!/bin/sh\necho hijacked\n")
+    fake.chmod(0o755)
+    return fake
+
+
+def test_the_runner_finds_programs_on_its_own_path(fastcgi, scripts, mail, tmp_path):
+    fake_dir = _fake_php(tmp_path / "bin").parent
+    env = {**BASE_ENV, "PATH": f"{fake_dir}:{BASE_ENV['PATH']}"}
+    result = run(fastcgi, req(["php", scripts["env"]], mail, env=env))
+    assert result.exit_code == 0, (result.stdout_tail, result.stderr_tail, result.transport_error)
+    assert b"hijacked" not in result.stdout_tail
+    assert json.loads(result.stdout_tail)["PATH"] == POOL_PATH
+
+
+def test_loader_and_php_variables_sent_by_the_client_are_dropped(fastcgi, scripts, mail, tmp_path):
+    ini_dir = tmp_path / "ini"
+    ini_dir.mkdir()
+    prepend = tmp_path / "prepend.php"
+    prepend.write_text("<?php echo 'owned';\n")
+    (ini_dir / "zz-evil.ini").write_text(f"auto_prepend_file={prepend}\n")
+    hostile = {
+        "LD_PRELOAD": "/nonexistent/evil.so",
+        "LD_LIBRARY_PATH": str(tmp_path),
+        "PHP_INI_SCAN_DIR": str(ini_dir),
+        "PHPRC": str(ini_dir),
+        "PHP_VALUE": f"auto_prepend_file={prepend}",
+        "BASH_ENV": str(prepend),
+        "GLIBC_TUNABLES": "glibc.malloc.check=3",
+    }
+    result = run(fastcgi, req(["php", scripts["env"]], mail, env={**BASE_ENV, **hostile}))
+    assert result.exit_code == 0, (result.stdout_tail, result.stderr_tail, result.transport_error)
+    assert not result.stdout_tail.startswith(b"owned")
+    seen = json.loads(result.stdout_tail)
+    assert sorted(set(hostile) & set(seen)) == []
+    assert seen["SENDER"] == BASE_ENV["SENDER"]  # the rest arrives
+
+
+def test_php_ini_params_for_php_fpm_are_refused(fpm, scripts, mail):
+    class Sneaky(FastCGIProcessor):
+        def params(self, request, content_length):
+            return super().params(request, content_length) | {
+                "PHP_VALUE": "memory_limit=1M",
+            }
+
+    result = run(Sneaky(fpm.address, fpm.runner_script), req(["php", scripts["env"]], mail))
+    assert result.transport_error is not None
+    assert "PHP_VALUE" in result.transport_error
+    assert result.exit_code is None
+
+
+def test_allow_list_matches_the_absolute_program(fastcgi, scripts, mail, tmp_path):
+    import shutil  # noqa: PLC0415
+
+    php_on_pool_path = shutil.which("php", path=POOL_PATH)
+    assert php_on_pool_path is not None
+    # The absolute path of the allow-listed bare name is the same program: allowed.
+    result = run(fastcgi, req([php_on_pool_path, scripts["exit"], "0", "ok"], mail))
+    assert (result.exit_code, result.stdout_tail) == (0, b"ok")
+    # Another file called php is another program: refused, even when the cwd holds it.
+    fake = _fake_php(tmp_path / "elsewhere")
+    for argv0 in (str(fake), "./php"):
+        result = run(fastcgi, req([argv0, scripts["exit"], "0"], mail, cwd=fake.parent))
+        assert result.refused, (argv0, result)
 
 
 def test_connection_refused_is_a_transport_error(mail):
