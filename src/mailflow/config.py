@@ -179,6 +179,9 @@ class Settings(BaseSettings):
     processor_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     kill_grace_s: Annotated[float, Field(ge=0)] = 5.0
     max_mail_bytes: Annotated[int, Field(ge=1)] = 40 * MIB
+    #: Envelope recipients one notification may carry; beyond, it goes to the DLQ whole. RFC
+    #: 5321 has a server accept at least 100 (SES sends to at most 50 per message).
+    max_recipients: Annotated[int, Field(ge=1, le=10000)] = 100
     shutdown_grace_s: Annotated[float, Field(ge=0)] = 90.0
     spool_dir: Path | None = None
     quarantine_verdicts: Annotated[tuple[str, ...], NoDecode] = ("virus",)

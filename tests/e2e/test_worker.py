@@ -329,6 +329,46 @@ def test_an_outcome_dynamodb_refuses_is_recorded_smaller_never_run_again(
     assert len(env.starts()) == 1
 
 
+def test_too_many_recipients_go_to_the_dlq_with_a_reason(env: Env) -> None:
+    """A notification over max_recipients (22,000 were accepted once, each delivery item
+    storing the whole list) is refused whole: nothing recorded, nothing run."""
+    settings = env.with_settings(max_recipients=5)
+    recipients = [f"ok-{i:03d}@orders.example.com" for i in range(6)]
+
+    async def scenario() -> None:
+        async with open_clients() as clients:
+            mail_id = await env.send(clients, SIMPLE_MAIL, recipients)
+
+            async def dead(_c) -> bool:
+                return env.queue_counts() == {"visible": 0, "in_flight": 0}
+
+            await run_worker_until(settings, clients, dead)
+            assert await env.records(clients, mail_id) == []
+
+    run(scenario())
+    (msg,) = env.drain_queue(dlq=True)
+    attrs = {k: v["StringValue"] for k, v in msg["MessageAttributes"].items()}
+    assert attrs["mailflow_reason"] == "too_many_recipients"
+    assert attrs["mailflow_detail"] == "6 recipients (max 5)"
+    assert env.starts() == []
+
+
+def test_the_recipient_list_is_stored_once_per_mail(env: Env) -> None:
+    recipients = [f"ok-{i:03d}@orders.example.com" for i in range(3)]
+
+    async def scenario() -> list[dict]:
+        async with open_clients() as clients:
+            mail_id = await env.send(clients, SIMPLE_MAIL, recipients)
+            await run_worker_until(env.settings, clients, all_terminal(env, [mail_id], 3))
+            return await env.records(clients, mail_id)
+
+    records = {r["recipient"]: r for r in run(scenario())}
+    assert set(records) == set(recipients)
+    assert records[recipients[0]]["recipients"] == recipients
+    assert all("recipients" not in records[r] for r in recipients[1:])
+    assert {r["recipient_count"] for r in records.values()} == {3}
+
+
 def test_oversize_mail_fails_too_large(env: Env) -> None:
     settings = env.with_settings(max_mail_bytes=10_000)
 

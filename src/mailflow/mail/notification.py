@@ -192,6 +192,15 @@ def check_trusted(ref: MailRef, allowed_buckets: tuple[str, ...], incoming_prefi
         )
 
 
+def check_recipient_count(ref: MailRef, max_recipients: int) -> None:
+    """One notification, at most `max_recipients` deliveries: a flood of recipients is
+    refused whole (the DLQ keeps it for an operator) rather than run in part."""
+    if len(ref.recipients) > max_recipients:
+        raise BadNotificationError(
+            "too_many_recipients", f"{len(ref.recipients)} recipients (max {max_recipients})"
+        )
+
+
 def synthetic_notification(
     *,
     mail_id: str,

@@ -112,15 +112,27 @@ def not_ready(records: Sequence[dict[str, Any]], now: float, grace_s: float) -> 
         return "deliveries still open: " + ", ".join(open_)
     if all(r.get("status") == Status.ARCHIVED for r in records):
         return "already archived"
-    # If the worker recorded the full envelope, every recipient must have its delivery.
+    missing = _missing_recipients(records)
+    if missing:
+        return missing
+    last = max(float(r.get("finished_at") or r.get("updated_at") or 0) for r in records)
+    if now - last < grace_s:
+        return f"finished {now - last:.0f}s ago (grace {grace_s:.0f}s)"
+    return None
+
+
+def _missing_recipients(records: Sequence[dict[str, Any]]) -> str | None:
+    """Which recipients have no delivery yet. The worker records the envelope on the first
+    recipient's delivery (before, it stored it on every delivery) and the recipient count
+    on each, so a missing delivery shows whichever deliveries exist yet."""
     known = {str(r["recipient"]) for r in records}
     for record in records:
         waiting = [x for x in record.get("recipients") or [] if str(x).lower() not in known]
         if waiting:
             return "no delivery yet for " + ", ".join(map(str, waiting))
-    last = max(float(r.get("finished_at") or r.get("updated_at") or 0) for r in records)
-    if now - last < grace_s:
-        return f"finished {now - last:.0f}s ago (grace {grace_s:.0f}s)"
+    expected = max(int(r.get("recipient_count") or 0) for r in records)
+    if expected > len(known):
+        return f"no delivery yet for {expected - len(known)} of {expected} recipients"
     return None
 
 

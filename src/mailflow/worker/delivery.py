@@ -145,17 +145,20 @@ class Deliverer:
             base_env=self._env,
         )
 
-    def _meta(self, ref: MailRef, route: str | None) -> dict[str, Any]:
+    def _meta(self, ref: MailRef, route: str | None, recipient: str) -> dict[str, Any]:
         meta: dict[str, Any] = {
             "bucket": ref.bucket,
             "key": ref.key,
             "sender": ref.sender,
             "created_at": self._clock(),
             "verdicts": ref.verdicts,
-            # Every recipient of the mail: the reconciler archives a mail only once all of
-            # them have a terminal delivery, not just the ones that happen to exist yet.
-            "recipients": list(ref.recipients),
+            # How many recipients the mail has: the reconciler archives a mail only once all
+            # of them have a terminal delivery, not just the ones that happen to exist yet.
+            "recipient_count": len(ref.recipients),
         }
+        if recipient == ref.recipients[0]:
+            # The envelope itself, once per mail: on the first recipient's delivery only.
+            meta["recipients"] = list(ref.recipients)
         if ref.received_at_s is not None:
             meta["received_at"] = ref.received_at_s
         if route:
@@ -178,7 +181,7 @@ class Deliverer:
     ) -> Settlement:
         """Unroutable or quarantined: a terminal record with no processor run."""
         key = DeliveryKey(ref.mail_id, recipient)
-        fields = self._meta(ref, route) | {
+        fields = self._meta(ref, route, recipient) | {
             "outcome": Status.FAILED.value,
             "subject": ref.subject[:998],  # from SES's commonHeaders: the mail is not fetched
             "reason": reason,
@@ -223,7 +226,7 @@ class Deliverer:
             worker=self.worker_id,
             token=token,
             lease_s=self.settings.lease_s,
-            meta=self._meta(ref, plan.route) | {"argv": list(plan.argv)},
+            meta=self._meta(ref, plan.route, recipient) | {"argv": list(plan.argv)},
             carrier=message_id,
         )
         if isinstance(claim, Busy):

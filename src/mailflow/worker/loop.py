@@ -32,7 +32,12 @@ from mailflow.aws.store import KeyRing, make_spool_dir
 from mailflow.config import Settings
 from mailflow.errors import BadNotificationError, MailflowError, TransientError
 from mailflow.exitcodes import EXIT_DRAIN_TIMEOUT, EXIT_OK
-from mailflow.mail.notification import MailRef, check_trusted, parse_body
+from mailflow.mail.notification import (
+    MailRef,
+    check_recipient_count,
+    check_trusted,
+    parse_body,
+)
 from mailflow.processors.exec import ExecProcessor, Processor
 from mailflow.routing import DeliveryPlan, Unroutable
 from mailflow.signals import stop_signals
@@ -316,6 +321,7 @@ class Worker:
             try:
                 ref = parse_body(msg.body)
                 check_trusted(ref, self.settings.allowed_buckets, self.settings.incoming_prefix)
+                check_recipient_count(ref, self.settings.max_recipients)
             except BadNotificationError as exc:
                 log.warning(
                     "dead_letter", message_id=msg.message_id, reason=exc.reason, detail=exc.detail
