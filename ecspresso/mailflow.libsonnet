@@ -71,6 +71,13 @@ function(must_env, tfstate) {
   task_cpu: 1024,
   task_memory_mib: 2048,
 
+  // Auto scaling (Terraform, ecs.tf) tracks backlog per task towards
+  //   acceptable latency / mean processing time x deliveries per task
+  // (docs/deploy.md §5); its variable backlog_per_task_target must equal this (a test checks).
+  acceptable_latency_s: 60,
+  mean_processing_s: 5,
+  backlog_per_task_target: mf.acceptable_latency_s / mf.mean_processing_s * mf.concurrency,
+
   // --- consistency checks (a failed assert stops the render) -----------------------------
   assert mf.shutdown_grace_s + 10 <= mf.stop_timeout_s : 'shutdown grace must end well before stopTimeout',
   assert mf.stop_timeout_s <= 120 : 'Fargate caps stopTimeout at 120 s',

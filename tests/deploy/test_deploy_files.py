@@ -466,6 +466,18 @@ def test_service_never_drops_capacity_on_deploy(service_def, mf):
     assert vpc["assignPublicIp"] == "DISABLED"
 
 
+def test_scaling_target_fits_the_task(mf):
+    """Terraform's backlog-per-task target is this task's throughput over the accepted latency:
+    raising the concurrency without it would scale out too early."""
+    import hcl2  # noqa: PLC0415 - only this test reads HCL here
+
+    path = REPO / "infra" / "terraform" / "modules" / "mailflow" / "variables.tf"
+    with path.open(encoding="utf-8") as handle:
+        variables = {k: v for entry in hcl2.load(handle)["variable"] for k, v in entry.items()}
+    [target] = [v for k, v in variables.items() if k.strip('"') == "backlog_per_task_target"]
+    assert target["default"] == mf["backlog_per_task_target"] == 60 / 5 * mf["concurrency"]
+
+
 def test_service_leaves_the_count_to_auto_scaling(service_def):
     """ecspresso's calcDesiredCount sends a definition's desiredCount with every deploy unless
     --tasks is given: any value here would reset a scaled-out service to it mid-backlog."""
