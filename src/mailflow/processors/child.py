@@ -102,6 +102,7 @@ class Child:
         return cls(popen, readers[0], readers[1], exited, transports)
 
     def signal_group(self, sig: signal.Signals) -> None:
+        """Send `sig` to the child's process group (the child and whatever it started)."""
         _signal_group(self.pid, sig)
 
     async def terminate_group(self, grace_s: float) -> None:

@@ -44,6 +44,10 @@ def forbid_environ_reads() -> bool:
 
 @dataclass(frozen=True, slots=True)
 class ProcessRequest:
+    """One processor run: the argv (no shell) and its complete environment, the spool file that
+    becomes its stdin, its timeout and the SIGTERM-to-SIGKILL grace (seconds), its working
+    directory, and how many bytes of each output stream to keep (the tail)."""
+
     argv: tuple[str, ...]
     env: dict[str, str]
     #: The raw mail, exactly as stored: the processor's stdin.
@@ -55,9 +59,18 @@ class ProcessRequest:
 
 
 class Processor(Protocol):
-    async def run(self, request: ProcessRequest) -> ProcessResult: ...
+    """A transport that runs the legacy processor for one delivery (exec or FastCGI).
 
-    async def close(self) -> None: ...
+    The delivery relies on: `run` returns a `ProcessResult` for anything the processor or the
+    transport did (a crash, a timeout, a broken connection, a refusal are results, never
+    exceptions); only cancellation raises, and a cancelled run leaves nothing running.
+    """
+
+    async def run(self, request: ProcessRequest) -> ProcessResult:
+        """Run `request` to completion (or its timeout) and say how it ended."""
+
+    async def close(self) -> None:
+        """Release what the transport holds; no run may be in progress."""
 
 
 class OutputCapture:
@@ -70,6 +83,7 @@ class OutputCapture:
         self.total_bytes = 0
 
     def feed(self, chunk: bytes) -> None:
+        """Take the next chunk of the stream (memory stays bounded whatever its size)."""
         if len(self.head) < HEAD_BYTES:
             self.head += chunk[: HEAD_BYTES - len(self.head)]
         self.total_bytes += len(chunk)
@@ -79,6 +93,7 @@ class OutputCapture:
 
     @property
     def tail(self) -> bytes:
+        """The last `tail_bytes` bytes of the stream."""
         return bytes(self._tail)
 
 
@@ -93,6 +108,11 @@ class ExecProcessor:
     """The sendmail/postfix pipe, minus the shell."""
 
     async def run(self, request: ProcessRequest) -> ProcessResult:
+        """Spawn `argv` with the spool file as stdin in its own process group and wait for it.
+
+        On timeout the whole group gets SIGTERM, then SIGKILL after `kill_grace_s`; whatever the
+        processor leaves running in its group after it exits is killed too. A spawn failure is a
+        `transport_error` result. On cancellation the group is killed before re-raising."""
         started = time.monotonic()
         out, err = OutputCapture(request.tail_bytes), OutputCapture(request.tail_bytes)
         starting = asyncio.ensure_future(
@@ -158,4 +178,4 @@ class ExecProcessor:
         )
 
     async def close(self) -> None:
-        return None
+        """Nothing to release: each run owns its child process."""

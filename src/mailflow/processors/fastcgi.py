@@ -67,6 +67,8 @@ CLOSE_TIMEOUT_S = 1.0
 
 @dataclass(frozen=True, slots=True)
 class FastCGIAddress:
+    """Where php-fpm listens: `host` and `port` for TCP, or `path` for a unix socket."""
+
     host: str | None
     port: int | None
     path: str | None
@@ -118,7 +120,7 @@ class FastCGIProcessor:
         return f"FastCGIProcessor({str(self.address)!r}, {self.runner_script!r})"
 
     async def close(self) -> None:
-        return None
+        """Nothing to release: every request uses its own connection."""
 
     def params(self, request: ProcessRequest, content_length: int) -> dict[str, str]:
         """The PARAMS of one request. ASCII-only JSON: nothing is lost between PHP and us."""
@@ -143,6 +145,14 @@ class FastCGIProcessor:
         return params
 
     async def run(self, request: ProcessRequest) -> ProcessResult:
+        """Run `request` through the runner: one connection, BEGIN_REQUEST, PARAMS, the spool file
+        as STDIN, then the runner's JSON answer.
+
+        Never raises for the peer or the processor: connect failures, resets, protocol errors and
+        no answer within timeout + kill grace + `response_margin_s` are `transport_error` results
+        (retryable); an allow-list refusal or a request php-fpm cannot be sent is `refused`
+        (permanent). Cancellation sends ABORT_REQUEST, closes the connection and re-raises; the
+        runner then kills the processor's process group."""
         started = time.monotonic()
 
         def failed(reason: str) -> ProcessResult:
