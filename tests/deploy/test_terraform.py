@@ -382,8 +382,13 @@ def test_mail_key_binds_every_use_to_the_ses_encryption_context(tf):
 
 def test_topic_is_encrypted_with_a_key_of_its_own(tf):
     assert resource(tf, "aws_sns_topic", "mail")["kms_master_key_id"] == "${aws_kms_key.topic.arn}"
-    sids = {s["sid"] for s in policy(tf, "topic_key")}
-    assert "SesEncryptsThisAccountsMail" not in sids  # never a grant on the mail key
+    statements = {s["sid"]: s for s in policy(tf, "topic_key")}
+    # SES may use this key (to publish) and no other service: the queue is SSE-SQS, so SNS
+    # needs no grant to deliver, and SES's grant never reaches the mail key.
+    assert set(statements) == {"AccountAdministers", "SesPublishesToTheTopic"}
+    ses = statements["SesPublishesToTheTopic"]
+    assert block(ses, "principals")["identifiers"] == ["ses.amazonaws.com"]
+    assert _conditions(ses) == {"aws:SourceAccount": ("StringEquals", ["${local.account}"])}
 
 
 # --- IAM: the only definition of the roles' policies -------------------------------------------

@@ -128,20 +128,4 @@ data "aws_iam_policy_document" "topic_key" {
       values   = [local.account]
     }
   }
-
-  statement {
-    # SNS decrypts to deliver to the (SSE-SQS encrypted) queue in the main region.
-    sid       = "SnsDeliversFromTheTopic"
-    actions   = ["kms:GenerateDataKey*", "kms:Decrypt"]
-    resources = ["*"]
-    principals {
-      type        = "Service"
-      identifiers = ["sns.amazonaws.com"]
-    }
-    condition {
-      test     = "StringEquals"
-      variable = "aws:SourceAccount"
-      values   = [local.account]
-    }
-  }
 }
