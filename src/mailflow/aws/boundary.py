@@ -97,6 +97,10 @@ class RetryableAwsError(TransientError):
 
 
 class AwsPermanentError(PermanentError):
+    """An AWS call failed in a way another try will not fix (access denied, no such
+    resource, validation): `operation` is `<service>.<Operation>`, `code` the AWS error code
+    (or the HTTP status when AWS gave none)."""
+
     def __init__(self, operation: str, code: str, message: str) -> None:
         super().__init__(f"{operation}: {code}: {message}")
         self.operation = operation
@@ -112,6 +116,7 @@ class ConditionFailedError(AwsPermanentError):
 
 
 def error_code(exc: botocore.exceptions.ClientError) -> str:
+    """The AWS error code of a ClientError (`NoSuchKey`, `ThrottlingException`...); "" if none."""
     return str(exc.response.get("Error", {}).get("Code", ""))
 
 
@@ -261,6 +266,9 @@ class AwsClients:
 
 
 def client_config(max_pool_connections: int = 32) -> AioConfig:
+    """The botocore configuration for every client: botocore's own retries off (the boundary's
+    `call` is the one retry layer), timeouts above the SQS long poll, and at most
+    `max_pool_connections` HTTP connections per client."""
     return AioConfig(
         # tenacity is the one retry layer. `total_max_attempts`, not `max_attempts`: botocore
         # reads max_attempts as *retries* (max_attempts=1 → two tries under each of ours).

@@ -34,6 +34,9 @@ HISTORY_TAIL_CHARS = 512
 
 
 class Status(enum.StrEnum):
+    """A delivery's state. received → processing → succeeded | failed | retrying (→ processing
+    again); a finished mail's deliveries become archived, keeping the final one as `outcome`."""
+
     RECEIVED = "received"
     PROCESSING = "processing"
     RETRYING = "retrying"
@@ -47,20 +50,27 @@ TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.ARCHIVED})
 
 @dataclass(frozen=True, slots=True)
 class DeliveryKey:
+    """The table key of one delivery: the SES messageId and the lower-cased envelope recipient."""
+
     mail_id: str
     recipient: str
 
     def as_key(self) -> dict[str, Any]:
+        """The key in DynamoDB's typed form, for `Key=`."""
         return {"mail_id": {"S": self.mail_id}, "recipient": {"S": self.recipient}}
 
 
 @dataclass(frozen=True, slots=True)
 class Claimed:
+    """A won claim: the delivery as the claim left it, and the lease token every later write of
+    this attempt is fenced by."""
+
     record: dict[str, Any]
     token: str
 
     @property
     def attempt(self) -> int:
+        """Which attempt this is, counting from 1 (the claim counts it)."""
         return int(self.record.get("attempts", 1))
 
 
@@ -75,6 +85,17 @@ class Busy:
 
 
 class Ledger:
+    """The deliveries table: the one record of every delivery's state, and the lease that makes
+    one worker at a time run it.
+
+    Contract: every state change is one conditional UpdateItem, so concurrent workers,
+    reconcilers and operators never overwrite each other; the worker's writes after `claim`
+    are fenced by the claim's lease token (a worker that lost its lease gets `LeaseLostError`
+    or False, never a silent overwrite); every write may be retried safely, a retry whose first
+    try landed being recognised as our own. Operator and reconciler writes return None/False
+    when their condition did not hold. Backend failures raise `TransientError` (retryable) or
+    `AwsPermanentError`. Times are epoch seconds from `clock`."""
+
     def __init__(
         self,
         client: Any,
@@ -159,9 +180,20 @@ class Ledger:
         meta: Mapping[str, Any],
         carrier: str | None = None,
     ) -> Claimed | Busy:
-        """Claim the delivery for one attempt. `carrier` is the SQS MessageId of the message
-        this attempt runs for: the one copy that stays queued until the delivery is terminal,
-        so another copy that finds the lease held may be deleted (see the worker)."""
+        """Claim the delivery for one attempt: one conditional write, so at most one claimant
+        wins, whatever the number of workers and duplicate messages.
+
+        It wins when the delivery does not exist yet, is `received`, is `retrying` and due, or
+        is `processing` with an expired lease (its worker died). The winner gets `Claimed`: the
+        delivery is `processing`, leased to `worker` for `lease_s` seconds under `token` (pass
+        a fresh random one; `renew` and `finish` are fenced by it), `attempts` counted up, and
+        `meta` written where absent. A retried call whose first try landed is recognised as
+        ours and also returns `Claimed`. Otherwise `Busy` says why (terminal, leased, not due)
+        and until when. Backend failures raise.
+
+        `carrier` is the SQS MessageId of the message this attempt runs for: the one copy that
+        stays queued until the delivery is terminal, so another copy that finds the lease held
+        may be deleted (see the worker)."""
         now = self._clock()
         upd = Update()
         upd.set("status", Status.PROCESSING.value)
@@ -336,6 +368,7 @@ class Ledger:
         )
 
     async def get(self, key: DeliveryKey) -> dict[str, Any]:
+        """One delivery (strongly consistent read); {} when there is none."""
         resp = await aws.call(
             "ddb.GetItem",
             self._ddb.get_item,
@@ -394,6 +427,7 @@ class Ledger:
         return await self._update_or_none("ddb.lock_mail", key, upd, condition) is not None
 
     async def unlock_mail(self, key: DeliveryKey, owner: str) -> None:
+        """Release the per-mail lock if `owner` still holds it (a lock taken over is left alone)."""
         upd = Update()
         upd.remove("mail_lock")
         upd.remove("mail_lock_until")
@@ -569,6 +603,8 @@ def history_entry(
     exit_code: int | None,
     stderr_tail: str,
 ) -> dict[str, Any]:
+    """One attempt as the delivery's `history` list keeps it (times in epoch seconds); the
+    stderr tail is cut to its last HISTORY_TAIL_CHARS characters."""
     entry: dict[str, Any] = {
         "attempt": attempt,
         "worker": worker,

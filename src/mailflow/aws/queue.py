@@ -80,6 +80,10 @@ Result = TypeVar("Result")
 
 @dataclass(slots=True)
 class Message:
+    """One received SQS message: its id, the receipt handle that deletes or defers this receipt
+    of it, the body, how often SQS has handed it out (`ApproximateReceiveCount`), when it was
+    sent and when we received it (epoch seconds)."""
+
     message_id: str
     receipt_handle: str
     body: str
@@ -89,6 +93,7 @@ class Message:
 
 
 def clamp_visibility(seconds: float) -> int:
+    """`seconds` as a visibility timeout SQS accepts: rounded up, within 0..12 hours."""
     return max(0, min(MAX_VISIBILITY_S, int(seconds + 0.999)))
 
 
@@ -104,6 +109,7 @@ class Batcher(Generic[Item, Result]):
         self._flights: set[asyncio.Task[None]] = set()
 
     async def submit(self, item: Item) -> Result:
+        """Queue `item` for the next batch call; await its result (or the call's exception)."""
         done: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._pending.append((item, done))
         if len(self._flights) < BATCH_FLIGHTS:
@@ -128,6 +134,15 @@ class Batcher(Generic[Item, Result]):
 
 
 class Queue:
+    """The work queue (SQS) and its dead-letter queue.
+
+    Contract: messages arrive at least once, duplicates included; the worker deletes one only
+    once every delivery of its mail is terminal, and retries or defers by changing its
+    visibility (never by re-sending), so the redrive policy keeps counting receives. Deletes and
+    visibility changes of concurrent deliveries share batch calls. A stale receipt handle is
+    not an error (False or a log line); a backend that stays unreachable raises
+    `TransientError`."""
+
     def __init__(self, sqs: Any, url: str, dlq_url: str | None) -> None:
         self._sqs = sqs
         self.url = url
@@ -137,6 +152,8 @@ class Queue:
 
     @classmethod
     async def resolve(cls, sqs: Any, queue: str, dlq: str) -> Queue:
+        """The queue named `queue` (a name or a URL) and its DLQ `dlq`; a DLQ that cannot be
+        found leaves `dlq_url` None (dead-lettering then raises). Raises if the queue is missing."""
         url = await _url(sqs, queue)
         try:
             dlq_url: str | None = await _url(sqs, dlq)
@@ -145,6 +162,8 @@ class Queue:
         return cls(sqs, url, dlq_url)
 
     async def receive(self, max_messages: int, wait_s: int, visibility_s: int) -> list[Message]:
+        """Long-poll for up to `max_messages` (at most 10) for `wait_s` seconds; each message
+        received stays invisible to other receivers for `visibility_s` seconds."""
         resp = await aws.call(
             "sqs.ReceiveMessage",
             self._sqs.receive_message,
@@ -323,6 +342,7 @@ class Queue:
         await self.delete(msg)
 
     async def send(self, body: str) -> str:
+        """Send `body` to the main queue (reconciler and retry re-enqueues); returns its id."""
         resp = await aws.call(
             "sqs.SendMessage",
             self._sqs.send_message,
@@ -332,6 +352,8 @@ class Queue:
         return str(resp["MessageId"])
 
     async def depth(self) -> dict[str, int]:
+        """Approximate message counts: `queue_visible`, `queue_in_flight`, and the same for the DLQ
+        (`dlq_*`) when there is one."""
         out: dict[str, int] = {}
         for name, url in (("queue", self.url), ("dlq", self.dlq_url)):
             if url is None:

@@ -49,6 +49,10 @@ MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
 
 @dataclass(frozen=True, slots=True)
 class SpooledMail:
+    """A mail downloaded into a private spool file for one processor run (see `spooled`): the
+    file the processor reads as stdin, its size in bytes, its first bytes for the header summary,
+    and whether it was stored KMS-encrypted (the spool then holds the verified plaintext)."""
+
     path: Path
     size_bytes: int  # of the mail as the processor reads it (the plaintext, if encrypted)
     head: bytes  # the first HEAD_BUDGET_BYTES, for the header summary
@@ -187,16 +191,22 @@ class CopyMismatchError(PermanentError):
 
 @dataclass(frozen=True, slots=True)
 class Location:
+    """An S3 object's address: bucket and key."""
+
     bucket: str
     key: str
 
     @property
     def url(self) -> str:
+        """The address as `s3://bucket/key`, for logs, records and people."""
         return f"s3://{self.bucket}/{self.key}"
 
 
 @dataclass(frozen=True, slots=True)
 class ObjectInfo:
+    """What a HEAD said about an object: size in bytes, ETag, S3's SHA-256 (base64) when the
+    object carries one, content type and user metadata; what copies are verified against."""
+
     where: Location
     size_bytes: int
     etag: str
