@@ -267,7 +267,7 @@ def test_encrypted_orphan_is_recovered_from_its_decrypted_header(kenv: Env) -> N
     require_binary("php")
     from test_reconcile import reconcile  # noqa: PLC0415
 
-    from conftest import SIMPLE_MAIL  # noqa: PLC0415
+    from support.harness import SIMPLE_MAIL  # noqa: PLC0415
 
     mail_id = ses.new_message_id()
     key = f"{kenv.settings.incoming_prefix}{mail_id}"
