@@ -97,6 +97,7 @@ class MotoServer:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a server until interrupted; print its URL as `MOTO_URL=…` once it listens. Returns 0."""
     parser = argparse.ArgumentParser(description="Run an embedded moto server on loopback.")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--host", default="127.0.0.1")

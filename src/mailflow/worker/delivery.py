@@ -110,7 +110,14 @@ def base_env(settings: Settings) -> dict[str, str]:
 
 class Deliverer:
     """Runs attempts. Holds no per-delivery state: the caller passes the dict in which a
-    claimed lease is published for the heartbeat (and removed when the attempt ends)."""
+    claimed lease is published for the heartbeat (and removed when the attempt ends).
+
+    Contract per attempt: claim in the ledger (a lost claim is settled as a duplicate or a
+    deferral, nothing runs), spool the mail from S3, run the processor, classify, and record
+    the outcome fenced by the lease; the returned `Settlement` says what the SQS message
+    should do. What the mail or the processor does is recorded (retrying or failed with a
+    reason), never raised; a lost lease cancels the run and leaves the outcome to the new
+    owner. On a forced shutdown the delivery is handed back as `retrying` at once."""
 
     def __init__(
         self,
@@ -137,6 +144,7 @@ class Deliverer:
         self._env = base_env(settings)
 
     def plan(self, ref: MailRef, recipient: str) -> DeliveryPlan | Unroutable:
+        """The routing decision for `recipient` of this mail (argv and environment, or why not)."""
         return plan_delivery(
             self.settings.routes,
             recipient,
@@ -166,6 +174,8 @@ class Deliverer:
         return meta
 
     def quarantine_reason(self, ref: MailRef) -> str | None:
+        """Why the mail is held back without a processor run (`spam verdict FAIL`...), per the
+        configured quarantine verdicts; None to deliver it."""
         for name in self.settings.quarantine_verdicts:
             if ref.verdicts.get(name, "").upper() == "FAIL":
                 return f"{name} verdict FAIL"

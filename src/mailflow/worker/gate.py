@@ -12,11 +12,17 @@ from collections.abc import AsyncIterator
 
 
 class KeyGate:
+    """Per (route, key) semaphores for `max_in_flight_per_key`, in this worker only.
+
+    A delivery without a key or limit passes straight through. Idle keys are forgotten, so
+    memory stays bounded however many stores there are."""
+
     def __init__(self) -> None:
         self._gates: dict[tuple[str, str], asyncio.Semaphore] = {}
         self._users: dict[tuple[str, str], int] = {}
 
     def busy(self, route: str, key: str | None, limit: int | None) -> bool:
+        """True when every slot of this key is taken (a new delivery of it would wait)."""
         if key is None or limit is None:
             return False
         gate = self._gates.get((route, key))
@@ -28,6 +34,8 @@ class KeyGate:
 
     @contextlib.asynccontextmanager
     async def slot(self, route: str, key: str | None, limit: int | None) -> AsyncIterator[None]:
+        """Hold one of the key's `limit` slots for the block, waiting for one if needed; a no-op
+        without a key or a limit."""
         if key is None or limit is None:
             yield
             return

@@ -32,10 +32,12 @@ class LoopLagProbe:
 
     @classmethod
     def from_env(cls) -> LoopLagProbe | None:
+        """A probe when MAILFLOW_LOOP_LAG_PROBE is set, else None (the default: no probe)."""
         target = os.environ.get(LOOP_LAG_PROBE_ENV, "")
         return cls(target) if target else None
 
     async def run(self) -> None:
+        """Sample the loop's lag every `interval_s` until cancelled (or MAX_SAMPLES are kept)."""
         loop = asyncio.get_running_loop()
         while len(self.samples) < LOOP_LAG_MAX_SAMPLES:
             start = loop.time()
@@ -44,6 +46,7 @@ class LoopLagProbe:
             self.samples.append((round(time.time(), 4), round(lag_s * 1000, 3)))
 
     def report(self) -> None:
+        """Log p50/p99/max lag (ms); write the samples to `target` when it is a path."""
         lags = sorted(lag for _, lag in self.samples)
         if lags:
             log.info(
@@ -59,6 +62,8 @@ class LoopLagProbe:
 
 
 def write_health(path: Path, doc: dict[str, Any]) -> None:
+    """Replace the health file with `doc` as JSON, atomically (write aside, rename); its mtime is
+    what `mailflow check` measures. Failures are ignored: a full disk must not stop the worker."""
     tmp = path.with_name(path.name + ".tmp")
     with contextlib.suppress(OSError):
         tmp.write_text(json.dumps(doc), encoding="utf-8")
@@ -66,6 +71,7 @@ def write_health(path: Path, doc: dict[str, Any]) -> None:
 
 
 def health_age_s(path: Path, now: float | None = None) -> float | None:
+    """Seconds since the health file was last written; None when it is missing or unreadable."""
     try:
         mtime = path.stat().st_mtime
     except OSError:

@@ -65,6 +65,7 @@ BEAT_DEADLINE_SHARE = 0.8
 
 
 def make_processor(settings: Settings) -> Processor:
+    """The processor transport the settings name: FastCGI (php-fpm sidecar) or exec (default)."""
     if settings.processor_transport == "fastcgi":
         from mailflow.processors.fastcgi import FastCGIProcessor  # noqa: PLC0415 - optional path
 
@@ -77,6 +78,8 @@ def make_processor(settings: Settings) -> Processor:
 
 
 def new_worker_id() -> str:
+    """This worker's name on the leases and history it writes: `host:pid:random`, unique per
+    process run."""
     return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
 
 
@@ -93,6 +96,17 @@ class HeldMessage:
 
 
 class Worker:
+    """The long-running worker: receives SQS messages, runs each mail's deliveries with bounded
+    concurrency, and settles each message once all its deliveries are done or deferred.
+
+    What callers and operators rely on: at most `concurrency` processors run at once, and at
+    most `max_in_flight_per_key` per route key (busy keys are parked or deferred, never
+    spinning); every message ends deleted (all deliveries terminal), deferred or given back
+    for SQS to redeliver, or in the DLQ with a reason (bad notification); a backend failure
+    never crashes the worker. A heartbeat keeps SQS visibility and ledger leases alive for
+    everything held. `run` returns the exit code: 0 after a clean drain, EXIT_DRAIN_TIMEOUT when
+    running deliveries outlived `shutdown_grace_s` and were handed back as `retrying`."""
+
     def __init__(
         self,
         settings: Settings,
