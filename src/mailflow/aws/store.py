@@ -212,7 +212,7 @@ class ObjectInfo:
     etag: str
     sha256_b64: str | None  # S3's full-object SHA-256, when the object carries one
     content_type: str | None
-    metadata: dict[str, str] = field(default_factory=dict)  # user metadata (x-amz-meta-*)
+    metadata: dict[str, str] = field(default_factory=dict, compare=False)  # x-amz-meta-*
 
     @property
     def encrypted(self) -> bool:
