@@ -78,7 +78,7 @@ def make_processor(settings: Settings) -> Processor:
 
 
 def new_worker_id() -> str:
-    """This worker's name on the leases and history it writes: `host:pid:random`, unique per
+    """The worker's name on the leases and history it writes: `host:pid:random`, unique per
     process run."""
     return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(3).hex()}"
 
