@@ -212,6 +212,41 @@ def test_malformed_notification_goes_to_dlq_with_reason(env: Env, body: str, rea
     assert msg["MessageAttributes"]["mailflow_reason"]["StringValue"] == reason
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_control_character_in_a_field_reaches_the_dlq_with_its_reason(env: Env) -> None:
+    """The dead-letter reason quotes the hostile field. Real SQS (and LocalStack) refuse a
+    control character in a message attribute; escaped, the message is in the DLQ with its
+    reason at the first receive instead of looping until the redrive policy takes it."""
+    mail_id = "a\x01b\x1b[31m"
+    doc = received_notification(
+        mail_id=mail_id,
+        bucket=env.settings.bucket,
+        key=f"{env.settings.incoming_prefix}{mail_id}",
+        prefix=env.settings.incoming_prefix,
+        topic_arn="arn:aws:sns:us-east-1:123456789012:t",
+        sender="shop@example.com",
+        recipients=["ok-001@orders.example.com"],
+        common_headers={},
+        now=datetime.now(UTC),
+    )
+    env.publish_raw(json.dumps(doc))  # JSON escapes the controls in the body itself
+
+    async def scenario() -> None:
+        async with open_clients() as clients:
+
+            async def dead(_c) -> bool:
+                return env.queue_counts() == {"visible": 0, "in_flight": 0}
+
+            await run_worker_until(env.settings, clients, dead, timeout_s=15)
+
+    run(scenario())
+    (msg,) = env.drain_queue(dlq=True)
+    attrs = {k: v["StringValue"] for k, v in msg["MessageAttributes"].items()}
+    assert attrs["mailflow_reason"] == "bad_mail_id"
+    assert attrs["mailflow_detail"] == "a\\x01b\\x1b[31m"
+    assert json.loads(msg["Body"]) == doc
+
+
 def test_foreign_bucket_is_never_fetched(env: Env) -> None:
     async def scenario() -> None:
         async with open_clients() as clients:
