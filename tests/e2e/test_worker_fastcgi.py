@@ -11,6 +11,7 @@ import pytest
 
 from mailflow.aws import open_clients
 from mailflow.config import Route
+from mailflow.worker.loop import Worker
 from support.harness import (
     BEHAVE,
     SIMPLE_MAIL,
@@ -98,3 +99,54 @@ def test_command_outside_the_allow_list_is_refused_and_recorded(env: Env, fpm) -
     assert (rec["status"], rec["reason"], rec["attempts"]) == ("failed", "refused", 1)
     assert "allow" in rec["stderr_tail"]
     assert json.dumps(rec["argv"])  # the refused argv is on the record for the operator
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie."""
+    try:
+        return " Z " not in Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+
+
+def test_forced_shutdown_never_overlaps_the_retry_with_the_killed_run(
+    env: Env, fpm, tmp_path: Path
+) -> None:
+    """The runner is still killing the first run (SIGTERM ignored, kill grace) when the worker
+    gives up: the retry must not start before that run is gone."""
+    kill_grace_s = 3.0
+    settings = env.with_settings(
+        processor_transport="fastcgi",
+        fastcgi_address=fpm.address,
+        runner_script=fpm.runner_script,
+        kill_grace_s=kill_grace_s,
+        processor_timeout_s=60,
+        shutdown_grace_s=0.2,
+    )
+    overlaps: list[str] = []
+
+    async def scenario() -> None:
+        async with open_clients() as clients:
+            mail_id = await env.send(clients, SIMPLE_MAIL, ["stubborn-201@orders.example.com"])
+            worker = Worker(settings, clients)
+            task = asyncio.create_task(worker.run())
+            while not env.starts():
+                assert not task.done()
+                await asyncio.sleep(0.05)
+            first_pid = int(env.starts()[0][5])
+            worker.request_stop()
+            await task
+            (rec,) = await env.records(clients, mail_id)
+            assert (rec["status"], rec["reason"]) == ("retrying", "worker_shutdown")
+            assert rec["next_attempt_at"] >= rec["finished_at"] + kill_grace_s
+
+            async def second_run_started(_c) -> bool:
+                if len(env.starts()) > 1 and _alive(first_pid):
+                    overlaps.append(f"attempt 2 started while pid {first_pid} still ran")
+                return await all_terminal(env, [mail_id])(_c)
+
+            await run_worker_until(settings, clients, second_run_started, timeout_s=60, poll_s=0.02)
+
+    asyncio.run(scenario())
+    assert overlaps == []
+    assert [e[1] for e in env.starts()] == ["1", "2"]

@@ -37,6 +37,9 @@ switch ($mode) {
         echo str_repeat("\xff", 80000); fwrite(STDERR, str_repeat("\xfe", 80000));
         done($ledger, $id, $attempt, $mode, 0);
     case 'hang': sleep(3600); done($ledger, $id, $attempt, $mode, 0);
+    case 'stubborn':  // the first attempt ignores SIGTERM and hangs (only SIGKILL ends it)
+        if ($attempt <= 1) { pcntl_signal(SIGTERM, SIG_IGN); sleep(3600); }
+        done($ledger, $id, $attempt, $mode, 0);
     case 'grandchild':
         $p = proc_open(['sleep', '3600'], [], $pipes);
         $status = proc_get_status($p);

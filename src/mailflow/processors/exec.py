@@ -72,6 +72,11 @@ class Processor(Protocol):
     async def close(self) -> None:
         """Release what the transport holds; no run may be in progress."""
 
+    def settle_s(self, kill_grace_s: float) -> float:
+        """After a cancelled `run`, how long the processor may still be running: a retry of
+        the same delivery must not start sooner, or two runs overlap."""
+        ...
+
 
 class OutputCapture:
     """Bounded capture of a stream: the first HEAD_BYTES and the last `tail_bytes`."""
@@ -106,6 +111,10 @@ async def _pump(stream: asyncio.StreamReader | None, capture: OutputCapture) -> 
 
 class ExecProcessor:
     """The sendmail/postfix pipe, minus the shell."""
+
+    def settle_s(self, kill_grace_s: float) -> float:  # noqa: ARG002 - the protocol's signature
+        """0: a cancelled `run` returns only once the process group is gone."""
+        return 0.0
 
     async def run(self, request: ProcessRequest) -> ProcessResult:
         """Spawn `argv` with the spool file as stdin in its own process group and wait for it.

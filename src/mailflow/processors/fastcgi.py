@@ -63,6 +63,10 @@ DEFAULT_RESPONSE_MARGIN_S = 15.0
 SEND_FAILURE_GRACE_S = 1.0
 RESULT_VERSION = 1
 CLOSE_TIMEOUT_S = 1.0
+#: After a cancelled request, until the runner has surely killed the process group: it
+#: notices the closed connection at its next keep-alive write (every 0.5 s, runner.php
+#: KEEPALIVE_S), SIGTERMs, waits the kill grace, SIGKILLs; plus slack for a loaded php-fpm.
+ABORT_NOTICE_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +125,11 @@ class FastCGIProcessor:
 
     async def close(self) -> None:
         """Nothing to release: every request uses its own connection."""
+
+    def settle_s(self, kill_grace_s: float) -> float:
+        """A cancelled request is not waited for (php-fpm cannot tell the runner while the
+        connection stays open): the runner may run the processor this much longer."""
+        return kill_grace_s + ABORT_NOTICE_S
 
     def params(self, request: ProcessRequest, content_length: int) -> dict[str, str]:
         """The PARAMS of one request. ASCII-only JSON: nothing is lost between PHP and us."""
@@ -217,6 +226,8 @@ class FastCGIProcessor:
             # Lost lease or shutdown. php-fpm reads nothing from the connection once the body
             # is in, so the ABORT_REQUEST is a courtesy; what the runner notices is the closed
             # connection (its next keep-alive write fails) and it then kills the process group.
+            # Waiting here would not help: the runner cannot notice while we keep the
+            # connection open. The caller keeps a retry back for settle_s() instead.
             with contextlib.suppress(Exception):
                 writer.write(encode_abort_request(REQUEST_ID))
             writer.close()

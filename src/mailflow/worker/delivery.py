@@ -329,13 +329,18 @@ class Deliverer:
             result = ProcessResult(transport_error=str(exc))
         except asyncio.CancelledError:
             # Lost lease (the other worker owns the outcome) or forced shutdown: in the latter
-            # case hand the delivery back at once instead of waiting for the lease to expire.
+            # case hand the delivery back instead of waiting for the lease to expire, due as
+            # soon as the cancelled processor is surely gone (a sidecar's runner may still be
+            # killing it: two runs must never overlap).
             task = asyncio.current_task()
             if task is not None and task.cancelling() and self._shutting_down():
                 outcome = Outcome(Verdict.RETRY, "worker_shutdown")
+                settle_s = self.processor.settle_s(self.settings.kill_grace_s)
                 with contextlib.suppress(Exception):
                     await asyncio.shield(
-                        self._record(ref, plan, key, claim, outcome, None, None, started, now=True),
+                        self._record(
+                            ref, plan, key, claim, outcome, None, None, started, retry_in_s=settle_s
+                        ),
                     )
             raise
         return await self._record(
@@ -354,7 +359,7 @@ class Deliverer:
         started: float,
         *,
         size_bytes: int | None = None,
-        now: bool = False,
+        retry_in_s: float | None = None,
     ) -> Settlement:
         attempt = claim.attempt
         finished = self._clock()
@@ -364,8 +369,8 @@ class Deliverer:
         elif outcome.verdict is Verdict.RETRY and attempt < self.settings.max_attempts:
             status = Status.RETRYING
             delay = (
-                0.0
-                if now
+                retry_in_s
+                if retry_in_s is not None
                 else retry_delay_s(
                     attempt,
                     base_s=self.settings.retry_base_s,

@@ -352,9 +352,16 @@ class Worker:
             await self._settle(msg, fates)
         except asyncio.CancelledError:
             if self.stop.is_set():
-                # Forced shutdown: hand the message straight back to SQS for another worker.
+                # Forced shutdown: hand the message back to SQS for another worker, at once if
+                # nothing ran, else once the cancelled processor is surely gone.
+                held = self._held.get(msg.receipt_handle)
+                back_s = (
+                    self.processor.settle_s(self.settings.kill_grace_s)
+                    if held is not None and held.started
+                    else 0.0
+                )
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(self._queue.set_visibility(msg, 0))
+                    await asyncio.shield(self._queue.set_visibility(msg, back_s))
             raise
         except TransientError as exc:
             log.warning("message_transient_failure", message_id=msg.message_id, error=str(exc))
