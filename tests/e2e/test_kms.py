@@ -22,15 +22,10 @@ import pytest
 
 from mailflow.aws import open_clients
 from mailflow.aws.envelope import (
-    DECRYPT_BAD_ENVELOPE,
     DECRYPT_CONTEXT_MISMATCH,
     DECRYPT_TAG_MISMATCH,
     DECRYPT_UNSUPPORTED,
-    DecryptError,
-    GcmStream,
-    parse_envelope,
 )
-from mailflow.aws.store import USER_METADATA_BYTES, fit_metadata
 from mailflow.dev import ses
 from mailflow.dev.provision import provision
 from mailflow.routing import delivery_id
@@ -455,81 +450,3 @@ def test_mail_encrypted_like_ses_is_read_by_aws_s3_encryption_client(kenv: Env) 
     theirs = s3ec("decrypt", kenv.settings.bucket, key, str(kenv.settings.kms_key))
     assert theirs.endswith(raw)
     assert theirs == decrypt_independently(kenv, kenv.settings.bucket, key)
-
-
-# --- the envelope and the stream, without AWS --------------------------------------------------
-
-
-def envelope_meta(**changes: str) -> dict[str, str]:
-    meta = {
-        "x-amz-key-v2": base64.b64encode(b"wrapped").decode(),
-        "x-amz-iv": base64.b64encode(bytes(12)).decode(),
-        "x-amz-cek-alg": "AES/GCM/NoPadding",
-        "x-amz-wrap-alg": "kms",
-        "x-amz-tag-len": "128",
-        "x-amz-matdesc": json.dumps({"kms_cmk_id": "k", "aws:ses:message-id": "m1"}),
-        "x-amz-unencrypted-content-length": "5",
-    }
-    return {k: v for k, v in (meta | changes).items() if v != "-"}
-
-
-def test_unencrypted_objects_have_no_envelope() -> None:
-    assert parse_envelope({}) is None
-    assert parse_envelope({"mailflow-mail-id": "x"}) is None
-
-
-@pytest.mark.parametrize(
-    ("changes", "reason"),
-    [
-        ({"x-amz-key-v2": "-", "x-amz-key": "abc"}, DECRYPT_UNSUPPORTED),  # v1: CBC
-        ({"x-amz-tag-len": "96"}, DECRYPT_UNSUPPORTED),
-        ({"x-amz-iv": base64.b64encode(bytes(16)).decode()}, DECRYPT_BAD_ENVELOPE),
-        ({"x-amz-key-v2": "not base64!"}, DECRYPT_BAD_ENVELOPE),
-        ({"x-amz-matdesc": "{"}, DECRYPT_BAD_ENVELOPE),
-        ({"x-amz-matdesc": "{}"}, DECRYPT_BAD_ENVELOPE),  # `kms` wrap without kms_cmk_id
-        ({"x-amz-wrap-alg": "kms+context"}, DECRYPT_CONTEXT_MISMATCH),  # no aws:x-amz-cek-alg
-        ({"x-amz-unencrypted-content-length": "-1"}, DECRYPT_BAD_ENVELOPE),
-    ],
-)
-def test_malformed_envelopes_are_named(changes: dict[str, str], reason: str) -> None:
-    with pytest.raises(DecryptError) as caught:
-        parse_envelope(envelope_meta(**changes), mail_id="m1")
-    assert caught.value.reason == reason
-
-
-def test_envelope_bound_to_its_mail() -> None:
-    assert parse_envelope(envelope_meta(), mail_id="m1") is not None
-    with pytest.raises(DecryptError) as caught:
-        parse_envelope(envelope_meta(), mail_id="m2")
-    assert caught.value.reason == DECRYPT_CONTEXT_MISMATCH
-
-
-@pytest.mark.parametrize("chunk", [1, 7, 15, 16, 17, 1000, 1 << 20])
-def test_gcm_stream_matches_one_shot_decryption_at_any_chunking(chunk: int) -> None:
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: PLC0415
-
-    key, iv = bytes(range(32)), bytes(12)
-    plaintext = hashlib.sha256(b"x").digest() * 1000 + b"tail"
-    sealed = AESGCM(key).encrypt(iv, plaintext, None)
-    stream = GcmStream(key, iv)
-    out = b"".join(stream.update(sealed[i : i + chunk]) for i in range(0, len(sealed), chunk))
-    out += stream.finish()
-    assert out == plaintext
-    assert stream.plaintext_bytes == len(plaintext)
-
-    broken = GcmStream(key, iv)
-    tampered = sealed[:-1] + bytes([sealed[-1] ^ 0x80])  # the tag's last bit
-    for i in range(0, len(tampered), chunk):
-        broken.update(tampered[i : i + chunk])
-    with pytest.raises(DecryptError) as caught:
-        broken.finish()
-    assert caught.value.reason == DECRYPT_TAG_MISMATCH
-
-
-def test_archive_metadata_shortened_to_fit_beside_the_envelope() -> None:
-    kept = envelope_meta() | {"x-amz-matdesc": "c" * 900}
-    extra = {"mailflow-deliveries": "d" * 512, "mailflow-reasons": "r" * 512, "short": "s"}
-    fitted = fit_metadata(kept, extra)
-    assert sum(len(k) + len(v) for k, v in fitted.items()) <= USER_METADATA_BYTES
-    assert {k: fitted[k] for k in kept} == kept  # the envelope is never cut
-    assert fitted["short"] == "s"
