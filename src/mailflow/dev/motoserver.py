@@ -41,9 +41,18 @@ def _serialize_dynamodb(app: WsgiApp) -> WsgiApp:
 class MotoServer:
     """A moto server on 127.0.0.1 in a background thread. `url` once started."""
 
-    def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        *,
+        middleware: Callable[[WsgiApp], WsgiApp] | None = None,
+    ) -> None:
+        """`middleware` wraps the app (outside the DynamoDB serialization), e.g. to count or
+        inspect requests in a test."""
         self._host = host
         self._port = port
+        self._middleware = middleware
         self._server: BaseWSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -66,6 +75,8 @@ class MotoServer:
 
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
         app = _serialize_dynamodb(DomainDispatcherApplication(create_backend_app))
+        if self._middleware is not None:
+            app = self._middleware(app)
         self._server = make_server(
             self._host,
             self._port,
