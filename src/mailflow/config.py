@@ -42,8 +42,12 @@ class Route(BaseModel):
 
     `match` is full-matched against the lower-cased envelope recipient; its named groups
     become placeholders in `command`. `key` names the group (or builtin) that identifies a
-    tenant for `max_in_flight_per_key`, so one store's orders never run concurrently when
-    the legacy stock update cannot take it.
+    tenant for `max_in_flight_per_key`: at most that many runs of one key at once across every
+    worker of the service (slots in the DynamoDB table, renewed with the delivery lease), so
+    one store's orders never run concurrently when the legacy stock update cannot take it.
+    A crashed holder's slot is free again when its lease expires (`lease_s`); a holder that
+    cannot renew for a whole lease may overlap the next one until its heartbeat learns it
+    (docs/guarantees.md §8).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")

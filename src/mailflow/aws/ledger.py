@@ -46,6 +46,9 @@ class Status(enum.StrEnum):
 
 
 TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.ARCHIVED})
+#: `attn` of a delivery parked in the table because its key is held (`mailflow hold`). Its
+#: `status` stays `received` or `retrying`; the reconciler, which queries by status, skips it.
+HELD = "held"
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,6 +330,34 @@ class Ledger:
         )
         return await self._update_or_none("ddb.record", key, upd, condition) is not None
 
+    async def hold_delivery(self, key: DeliveryKey, *, hold: str, meta: Mapping[str, Any]) -> bool:
+        """Park a delivery of a held key in the table (the hold queue): `attn = held`.
+
+        Only a delivery nobody has claimed is held: absent, `received`, or `retrying`
+        (its `next_attempt_at` is kept). False: it is processing elsewhere or finished."""
+        now = self._clock()
+        upd = Update()
+        for attr, value in meta.items():
+            upd.set_if_absent(attr, value)
+        upd.set_if_absent("status", Status.RECEIVED.value)
+        upd.set_if_absent("held_at", now)
+        upd.assign({"hold": hold, "attn": HELD, "attn_at": now, "updated_at": now})
+        condition = (
+            f"{upd.item_exists('mail_id', exists=False)}"
+            f" OR {upd.one_of('status', (Status.RECEIVED.value, Status.RETRYING.value))}"
+        )
+        return await self._update_or_none("ddb.hold", key, upd, condition) is not None
+
+    async def unhold_delivery(self, key: DeliveryKey) -> dict[str, Any] | None:
+        """Back from the hold queue: `attn` is the status again, due now. None if not held."""
+        now = self._clock()
+        upd = Update()
+        attn = upd.name("attn")
+        upd.set_raw(f"{attn} = {upd.name('status')}")
+        upd.assign({"attn_at": now, "updated_at": now, "hold": None, "held_at": None})
+        condition = f"{attn} = {upd.value('held', HELD)}"
+        return await self._update_or_none("ddb.unhold", key, upd, condition)
+
     # --- the operator's and the reconciler's writes -----------------------------------------
 
     async def transition(
@@ -380,14 +411,14 @@ class Ledger:
 
     async def needing_attention(
         self,
-        status: Status,
+        status: Status | str,
         *,
         before_s: float | None = None,
         limit: int = 100,
     ) -> list[dict[str, Any]]:
         """Items in `status` (not archived) from the sparse index, oldest first."""
         names = {"#attn": "attn"}  # DynamoDB refuses names the expression does not use
-        values: dict[str, Any] = {":s": {"S": status.value}}
+        values: dict[str, Any] = {":s": {"S": str(status)}}
         cond = "#attn = :s"
         if before_s is not None:
             names["#at"] = "attn_at"

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from mailflow import __version__, logs
 from mailflow.cli import aliases as cli_aliases
+from mailflow.cli import holds as cli_holds
 from mailflow.cli import ops as cli_ops
 from mailflow.cli.runtime import run_async
 from mailflow.config import Settings, describe_validation_error
@@ -247,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_ops.register(sub)
     cli_aliases.register(sub)
+    cli_holds.register(sub)
     return parser
 
 

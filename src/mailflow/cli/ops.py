@@ -32,11 +32,14 @@ if TYPE_CHECKING:
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     """`mailflow status`: deliveries per state, the oldest unfinished one, queue and DLQ depth."""
     from mailflow.aws import open_clients  # noqa: PLC0415 - keep `--help` fast
+    from mailflow.cli.holds import render_holds  # noqa: PLC0415
+    from mailflow.ops.holds import holds_report  # noqa: PLC0415
     from mailflow.ops.status import status_report  # noqa: PLC0415
 
     async def main() -> int:
         async with open_clients(mail_region=settings.mail_region) as clients:
             report = await status_report(clients, settings, exact=args.exact)
+            report["holds"] = await holds_report(clients, settings)
         if args.json:
             print_json(report)
             return EXIT_OK
@@ -62,6 +65,8 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             f"queue: {q.get('queue_visible', 0)} visible, {q.get('queue_in_flight', 0)} in"
             f" flight; DLQ: {q.get('dlq_visible', '-')} visible"
         )
+        for line in render_holds(report["holds"]):
+            say(line)
         return EXIT_OK
 
     return run_async(main)

@@ -95,6 +95,11 @@ BULKY_FIELDS = (
 )
 
 
+def new_token() -> str:
+    """A fresh lease token: fences one attempt's writes (and the key slot it holds)."""
+    return secrets.token_hex(16)
+
+
 def base_env(settings: Settings) -> dict[str, str]:
     """What the processor gets of our environment: the contract, never our AWS credentials."""
     env = {
@@ -227,10 +232,13 @@ class Deliverer:
         leases: dict[DeliveryKey, str] | None = None,
         *,
         message_id: str | None = None,
+        token: str | None = None,
     ) -> Settlement:
-        """One attempt for the SQS message `message_id` (recorded as the lease's carrier)."""
+        """One attempt for the SQS message `message_id` (recorded as the lease's carrier).
+        `token`: the lease token to claim with (the one a key slot was taken with, so both
+        are fenced by the same token)."""
         key = DeliveryKey(ref.mail_id, recipient)
-        token = secrets.token_hex(16)
+        token = token or new_token()
         claim = await self.ledger.claim(
             key,
             worker=self.worker_id,
@@ -248,6 +256,25 @@ class Deliverer:
         finally:
             if leases is not None:
                 leases.pop(key, None)
+
+    async def hold(self, ref: MailRef, recipient: str, plan: DeliveryPlan, hold: str) -> bool:
+        """Park the delivery in the table because an operator holds its key (`hold` names
+        the hold). False: it could not be held (claimed elsewhere, finished): run it normally."""
+        key = DeliveryKey(ref.mail_id, recipient)
+        meta = self._meta(ref, plan.route, recipient) | {"argv": list(plan.argv)}
+        if plan.key is not None:
+            meta["route_key"] = plan.key
+        held = await self.ledger.hold_delivery(key, hold=hold, meta=meta)
+        if held:
+            log.info(
+                "held",
+                mail_id=ref.mail_id,
+                recipient=recipient,
+                route=plan.route,
+                key=plan.key,
+                hold=hold,
+            )
+        return held
 
     def _busy_fate(
         self, ref: MailRef, recipient: str, busy: Busy, message_id: str | None

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import contextvars
 import os
+import random
 import socket
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from typing import Any
 import structlog
 
 from mailflow.aws import AwsClients, requests_sent
+from mailflow.aws.keyslots import KeySlots, SlotRef
 from mailflow.aws.ledger import DeliveryKey, Ledger
 from mailflow.aws.queue import BATCH, Message, Queue
 from mailflow.aws.store import KeyRing, make_spool_dir
@@ -41,9 +43,10 @@ from mailflow.mail.notification import (
 from mailflow.processors.exec import ExecProcessor, Processor
 from mailflow.routing import DeliveryPlan, Unroutable
 from mailflow.signals import stop_signals
-from mailflow.worker.delivery import DONE, STAMPS, Deliverer, Settlement
+from mailflow.worker.delivery import DONE, STAMPS, Deliverer, Settlement, new_token
 from mailflow.worker.gate import KeyGate
 from mailflow.worker.health import LoopLagProbe, write_health
+from mailflow.worker.holds import HoldBook
 
 log = structlog.get_logger("mailflow.worker.loop")
 
@@ -62,6 +65,10 @@ DLQ_MARGIN = 2
 #: Each heartbeat call (visibility, lease renewal) gets this share of the interval as its
 #: deadline, retries included, so a beat ends before the next one is due.
 BEAT_DEADLINE_SHARE = 0.8
+#: A key whose slots other workers hold is asked again about every half delivery time (one
+#: conditional write each time), within these bounds; ±25% jitter keeps workers out of step.
+SLOT_POLL_MIN_S = 0.05
+SLOT_POLL_MAX_S = 2.0
 
 
 def make_processor(settings: Settings) -> Processor:
@@ -92,6 +99,7 @@ class HeldMessage:
     parked: bool = False  # waiting for a busy route key; does not count against prefetch
     handler: asyncio.Task[None] | None = None
     leases: dict[DeliveryKey, str] = field(default_factory=dict)
+    slots: dict[DeliveryKey, SlotRef] = field(default_factory=dict)  # key slots, renewed too
     tasks: dict[DeliveryKey, asyncio.Task[Any]] = field(default_factory=dict)
 
 
@@ -124,6 +132,8 @@ class Worker:
         self.stop = asyncio.Event()
         self.hurry = asyncio.Event()
         self.ledger = Ledger(clients.dynamodb, settings.table, clock=clock)
+        self.keyslots = KeySlots(clients.dynamodb, settings.table, clock=clock)
+        self.holds = HoldBook(self.keyslots, self.ledger)
         self.queue: Queue | None = None
         self._held: dict[str, HeldMessage] = {}  # by receipt handle
         self._room = asyncio.Condition()
@@ -143,6 +153,8 @@ class Worker:
             "dead_lettered": 0,
             "parked": 0,
             "deferred_busy_key": 0,
+            "key_slot_busy": 0,  # conditional writes that found every slot of a key held
+            "held": 0,
             "max_receive_count": 0,
         }
 
@@ -193,11 +205,13 @@ class Worker:
             transport=self.settings.processor_transport,
             routes=[r.name for r in self.settings.routes],
         )
+        await self._refresh_holds()  # before the first receive: a held key never starts
         receiver = asyncio.create_task(self._receive_loop(), name="receiver")
         heartbeat = asyncio.create_task(self._heartbeat_loop(), name="heartbeat")
         ticker = asyncio.create_task(self._health_loop(), name="health")
+        holds = asyncio.create_task(self._holds_loop(), name="holds")
         probe = LoopLagProbe.from_env()
-        background = [receiver, heartbeat, ticker]
+        background = [receiver, heartbeat, ticker, holds]
         if probe:
             background.append(asyncio.create_task(probe.run(), name="loop-lag"))
         try:
@@ -270,7 +284,7 @@ class Worker:
         )
 
     def _waiting(self) -> int:
-        """Held messages waiting for a run slot (not started, not parked)."""
+        """HeldMessage messages waiting for a run slot (not started, not parked)."""
         return sum(1 for h in self._held.values() if not (h.started or h.parked))
 
     def _should_receive(self) -> bool:
@@ -384,27 +398,40 @@ class Worker:
             return await self.deliverer.record_final(
                 ref, recipient, "quarantined", quarantine, plan.route
             )
+        if self.holds.covering(plan.route, plan.key) is not None and await self.holds.park(
+            self.deliverer, ref, recipient, plan
+        ):
+            self.stats["held"] += 1
+            return DONE  # in the table's hold queue now; `mailflow release` queues it again
         gate = (plan.route, plan.key, plan.max_in_flight_per_key)
         parked = self._gate.busy(*gate)
         if parked:
-            near_dlq = msg.receive_count >= self.settings.max_receive_count - DLQ_MARGIN
-            if self._parked >= self._park_limit and not near_dlq:
+            if not self._may_park(msg):
                 return self._defer_busy_key(msg, plan)
-            held.parked, parked = True, True
-            self._parked += 1
-            self.stats["parked"] += 1
-            async with self._room:
-                self._room.notify_all()  # parked messages leave prefetch room: receive more
+            await self._park(held)
         try:
             async with self._gate.slot(*gate):
-                if parked:
-                    held.parked, parked = False, False
-                    self._parked -= 1
+                self._unpark(held)
                 return await self._run_delivery(msg, ref, recipient, plan, held)
         finally:
-            if parked:  # cancelled while parked
-                held.parked = False
-                self._parked -= 1
+            self._unpark(held)  # cancelled while parked
+
+    def _may_park(self, msg: Message) -> bool:
+        """Room in the parked set, or too close to the DLQ to be deferred."""
+        near_dlq = msg.receive_count >= self.settings.max_receive_count - DLQ_MARGIN
+        return self._parked < self._park_limit or near_dlq
+
+    async def _park(self, held: HeldMessage) -> None:
+        held.parked = True
+        self._parked += 1
+        self.stats["parked"] += 1
+        async with self._room:
+            self._room.notify_all()  # parked messages leave prefetch room: receive more
+
+    def _unpark(self, held: HeldMessage) -> None:
+        if held.parked:
+            held.parked = False
+            self._parked -= 1
 
     def _defer_busy_key(self, msg: Message, plan: DeliveryPlan) -> Settlement:
         """Over the parking cap: come back when the key is likely to have room. Deferrals of
@@ -431,25 +458,34 @@ class Worker:
     async def _run_delivery(
         self, msg: Message, ref: MailRef, recipient: str, plan: DeliveryPlan, held: HeldMessage
     ) -> Settlement:
-        if not await self._acquire_run_slot():
+        key = DeliveryKey(ref.mail_id, recipient)
+        token = new_token()  # the delivery's lease token, and its key slot's
+        slot: SlotRef | None = None
+        if plan.key is not None and plan.max_in_flight_per_key is not None:
+            taken = await self._take_key_slot(msg, plan, key, token, held)
+            if isinstance(taken, Settlement):
+                return taken
+            slot = taken  # and a run slot is ours
+        elif not await self._acquire_run_slot():
             return Settlement(defer_until_s=self._clock())  # shutting down before we started
         admitted = self._clock()
         try:
             held.started = True
             async with self._room:
                 self._room.notify_all()  # one fewer waiting: the receiver may want a batch now
-            key = DeliveryKey(ref.mail_id, recipient)
             ctx = contextvars.copy_context()  # this delivery's own latency stamps
             ctx.run(STAMPS.set, {"received": msg.received_at_s, "admitted": admitted})
             # One lease dict per held message: a worker can hold the same delivery twice (a
             # stalled run and its own takeover), and each run's lease is renewed on its own.
             task = asyncio.create_task(
                 self.deliverer.deliver(
-                    ref, plan, recipient, held.leases, message_id=msg.message_id
+                    ref, plan, recipient, held.leases, message_id=msg.message_id, token=token
                 ),
                 context=ctx,
             )
             held.tasks[key] = task
+            if slot is not None:
+                held.slots[key] = slot  # the heartbeat renews it with the lease
             try:
                 return await task
             finally:
@@ -458,6 +494,74 @@ class Worker:
                 self._delivery_s += (self._clock() - admitted - self._delivery_s) / 8
         finally:
             self._run_slots.release()
+            if slot is not None:
+                held.slots.pop(key, None)
+                await self._release_key_slot(slot)
+
+    async def _take_key_slot(
+        self, msg: Message, plan: DeliveryPlan, key: DeliveryKey, token: str, held: HeldMessage
+    ) -> SlotRef | Settlement:
+        """A run slot, then one of the key's slots in the table (before the claim: waiting
+        holds no delivery lease, so duplicates and takeovers are not held up by it).
+
+        While other workers hold every slot of the key the message is parked: no run slot,
+        no prefetch room, its visibility kept by the heartbeat, its receive count unchanged.
+        It asks again every `_slot_poll_s()`. Returns the slot (with the run slot taken) or
+        the message's fate when it cannot wait (over the parking cap, or shutting down)."""
+        route, name, limit = plan.route, plan.key or "", plan.max_in_flight_per_key or 1
+        try:
+            while True:
+                if not await self._acquire_run_slot():
+                    return Settlement(defer_until_s=self._clock())
+                try:
+                    slot = await self.keyslots.take(
+                        route,
+                        name,
+                        limit,
+                        holder=key,
+                        worker=self.worker_id,
+                        token=token,
+                        lease_s=self.settings.lease_s,
+                    )
+                except BaseException:
+                    self._run_slots.release()
+                    # Cancelled (shutdown) or failed after the write may have landed: free
+                    # whichever slot carries our token rather than leave it for the expiry.
+                    with contextlib.suppress(Exception):
+                        await asyncio.shield(self.keyslots.release_all(route, name, limit, token))
+                    raise
+                if slot is not None:
+                    return slot
+                self._run_slots.release()
+                self.stats["key_slot_busy"] += 1
+                if not held.parked:
+                    if not self._may_park(msg):
+                        return self._defer_busy_key(msg, plan)
+                    await self._park(held)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._slot_poll_s()):
+                        await self.stop.wait()
+                if self.stop.is_set():
+                    return Settlement(defer_until_s=self._clock())
+        finally:
+            self._unpark(held)
+
+    def _slot_poll_s(self) -> float:
+        base = min(SLOT_POLL_MAX_S, self.settings.heartbeat_interval_s, self._delivery_s / 2)
+        return max(SLOT_POLL_MIN_S, base) * random.uniform(0.75, 1.25)  # noqa: S311 - jitter
+
+    async def _release_key_slot(self, slot: SlotRef) -> None:
+        """Right after the outcome write; shielded, so a cancelled delivery frees it too. A
+        release that fails leaves the slot to expire with its lease (logged)."""
+        release = asyncio.ensure_future(self.keyslots.release(slot))
+        try:
+            await asyncio.shield(release)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await release
+            raise
+        except Exception as exc:  # the slot expires by itself: log, go on
+            log.warning("key_slot_release_failed", route=slot.route, key=slot.key, error=str(exc))
 
     async def _acquire_run_slot(self) -> bool:
         """Wait for a run slot; False if shutdown started first (the message goes back)."""
@@ -537,14 +641,20 @@ class Worker:
 
     async def _renew_leases(self, held: list[HeldMessage], deadline_s: float) -> None:
         renewals = [(h, key, token) for h in held for key, token in list(h.leases.items())]
+        slots = [(h, key, slot) for h in held for key, slot in list(h.slots.items())]
         results = await asyncio.gather(
             *(
                 self.ledger.renew(key, token, self.settings.lease_s, deadline_s=deadline_s)
                 for _, key, token in renewals
             ),
+            *(
+                self.keyslots.renew(slot, self.settings.lease_s, deadline_s=deadline_s)
+                for _, _, slot in slots
+            ),
             return_exceptions=True,
         )
-        for (h, key, _), ok in zip(renewals, results, strict=True):
+        self._check_slots(slots, results[len(renewals) :])
+        for (h, key, _), ok in zip(renewals, results[: len(renewals)], strict=True):
             if ok is False:
                 log.warning("lease_lost", mail_id=key.mail_id, recipient=key.recipient)
                 task = h.tasks.get(key)
@@ -552,6 +662,33 @@ class Worker:
                     task.cancel("lease_lost")  # kills the processor; the new owner records
             elif isinstance(ok, BaseException):
                 log.warning("lease_renew_failed", mail_id=key.mail_id, error=str(ok))
+
+    @staticmethod
+    def _check_slots(
+        slots: list[tuple[HeldMessage, DeliveryKey, SlotRef]], results: list[bool | BaseException]
+    ) -> None:
+        """A key slot that could not be renewed because it is gone: stop that run."""
+        for (h, key, slot), ok in zip(slots, results, strict=True):
+            if ok is False:
+                # Expired and taken by another worker: the key may now run twice. Stop ours.
+                log.warning("key_slot_lost", route=slot.route, key=slot.key, mail_id=key.mail_id)
+                task = h.tasks.get(key)
+                if task is not None:
+                    task.cancel("key_slot_lost")
+            elif isinstance(ok, BaseException):
+                log.warning("key_slot_renew_failed", key=slot.key, error=str(ok))
+
+    async def _refresh_holds(self) -> None:
+        try:
+            await self.holds.refresh()
+        except Exception as exc:  # the last known holds stay in force
+            log.warning("holds_refresh_failed", error=str(exc))
+
+    async def _holds_loop(self) -> None:
+        """Operator holds, re-read once per heartbeat interval (one Query per worker)."""
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+            await self._refresh_holds()
 
     async def _health_loop(self) -> None:
         """The health file says: the loop turns, and SQS answered recently."""
