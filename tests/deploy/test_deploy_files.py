@@ -682,6 +682,17 @@ def test_compose_needs_a_variant(compose):
     assert "${MAILFLOW_BACKEND" not in (REPO / "docker-compose.yml").read_text(encoding="utf-8")
 
 
+def test_plain_compose_up_runs_the_localstack_variant(compose):
+    """Compose reads COMPOSE_PROFILES from the project's .env: a plain `docker compose up`
+    starts LocalStack alone; a shell COMPOSE_PROFILES=moto wins over the file."""
+    lines = (REPO / ".env").read_text(encoding="utf-8").splitlines()
+    settings = dict(ln.split("=", 1) for ln in lines if ln.strip() and not ln.startswith("#"))
+    assert settings == {"COMPOSE_PROFILES": "localstack"}
+    default = _active(compose, set(settings["COMPOSE_PROFILES"].split(",")))
+    assert {n for n in default if n in VARIANTS} == {"localstack"}
+    assert {"worker", "php", "provision", "smtp", "reconciler"} <= set(default)
+
+
 def test_compose_localstack_is_a_free_pinned_tag(compose):
     ls = compose["services"]["localstack"]
     assert set(ls["environment"]["SERVICES"].split(",")) >= {"s3", "sqs", "sns", "dynamodb"}
