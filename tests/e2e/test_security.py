@@ -6,8 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pwd
+import re
+import shutil
 import signal
 import stat
+import subprocess
+import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +24,8 @@ from mailflow.aws import AwsClients, open_clients
 from mailflow.aws.store import make_spool_dir, spooled
 from mailflow.config import Route
 from mailflow.errors import ObjectMissingError, TooLargeError
+from mailflow.processors.exec import ProcessRequest
+from mailflow.processors.fastcgi import FastCGIProcessor
 from support.harness import (
     REPO,
     SIMPLE_MAIL,
@@ -27,6 +35,7 @@ from support.harness import (
     require_binary,
     run_worker_until,
 )
+from support.php_fpm import running_php_fpm
 
 SRC = REPO / "src" / "mailflow"
 PROBE = TESTS / "chaos" / "inspect.php"
@@ -202,3 +211,182 @@ def test_spool_files_are_private_and_removed_on_every_path(env: Env, tmp_path: P
 
     asyncio.run(scenario())
     assert list(spool.iterdir()) == []
+
+
+# --- credentials through /proc/*/environ ---------------------------------------------------
+
+
+def _sidecar_users() -> tuple[str, str]:
+    """(php-fpm's master user, the pool's user) as sidecar/Dockerfile runs them."""
+    text = (REPO / "sidecar" / "Dockerfile").read_text()
+    users = re.findall(r"^USER\s+(\S+)", text, re.MULTILINE)
+    pool = re.search(r"MAILFLOW_FPM_USER=(\S+)", text)
+    assert pool is not None
+    return (users[-1].split(":")[0] if users else "root"), pool.group(1)
+
+
+def _as_user(user: str) -> tuple[str, ...]:
+    """A command prefix that runs as `user` (nothing for root), no capabilities beyond it."""
+    if user in {"root", "0"}:
+        return ()
+    if user.isdigit():  # a numeric image user need not exist in this machine's passwd
+        uid = gid = int(user)
+    else:
+        entry = pwd.getpwnam(user)
+        uid, gid = entry.pw_uid, entry.pw_gid
+    return (
+        "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
+        "--inh-caps=-all", "--bounding-set=-all", "--",
+    )  # fmt: skip
+
+
+@pytest.mark.php
+@pytest.mark.phpfpm
+def test_a_sidecar_processor_finds_no_aws_variable_in_any_proc_environ() -> None:
+    """The sidecar as its image runs it: PID 1 (tini) and php-fpm's master hold the task's
+    credentials URI; the processor, run by the pool's non-root user, must not read it."""
+    require_binary("setpriv")
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the sidecar's users")
+    master, pool = _sidecar_users()
+    assert pool not in {"root", "0"}, "the pool (and so the processor) must not run as root"
+    work = Path(tempfile.mkdtemp(prefix="mailflow-sidecar-"))  # under /tmp: the pool reaches it
+    mark = f"mark-{uuid.uuid4().hex}"
+    planted = {"AWS_CONTAINER_CREDENTIALS_RELATIVE_URI": "/v2/credentials/planted-guid"}
+    stand_in: subprocess.Popen[bytes] | None = None
+    try:
+        work.chmod(0o755)
+        out = work / "out"
+        out.mkdir(mode=0o777)
+        out.chmod(0o777)
+        probe = work / "inspect.php"
+        shutil.copy(PROBE, probe)
+        probe.chmod(0o644)
+        run_dir = work / "fpm"
+        run_dir.mkdir()
+        if master not in {"root", "0"}:
+            shutil.chown(run_dir, user=int(master) if master.isdigit() else master)
+        # PID 1 of the container (tini, from ECS's initProcessEnabled) as the image's user.
+        stand_in = subprocess.Popen(
+            [*_as_user(master), "sleep", "120"],
+            env={"PATH": "/usr/bin:/bin", "PROBE_MARK": mark, **planted},
+        )
+        mail = work / "mail.eml"
+        mail.write_bytes(SIMPLE_MAIL)
+        with running_php_fpm(
+            run_dir,
+            allow=[["php", str(probe)]],
+            prefix=_as_user(master),
+            extra_env={
+                "MAILFLOW_FPM_USER": pool,
+                "MAILFLOW_FPM_GROUP": pool,
+                "PROBE_MARK": mark,
+                **planted,
+            },
+        ) as fpm:
+            request = ProcessRequest(
+                argv=("php", str(probe), "0"),
+                env={"PATH": "/usr/bin:/bin", "PROBE_DIR": str(out), "PROBE_MARK": mark},
+                stdin_path=mail,
+                timeout_s=30,
+            )
+            result = asyncio.run(FastCGIProcessor(fpm.address, fpm.runner_script).run(request))
+            assert result.exit_code == 0, (result, fpm.log())
+            # The control: the same probe as root sees the planted variables (PID 1's, the
+            # master's), so an empty list below is the processor's view, not a blind probe.
+            subprocess.run(
+                [require_binary("php"), str(probe), "0"],
+                env={"PROBE_DIR": str(work), "PROBE_MARK": mark, "PATH": "/usr/bin:/bin"},
+                input=b"",
+                check=True,
+            )
+        (report,) = probe_reports(out)
+        (control,) = probe_reports(work)
+    finally:
+        if stand_in is not None:
+            stand_in.kill()
+            stand_in.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    assert f"{stand_in.pid}:AWS_CONTAINER_CREDENTIALS_RELATIVE_URI" in control["environ"]["aws"]
+    assert report["uid"] == pwd.getpwnam(pool).pw_uid
+    assert report["environ"]["aws"] == [], report["environ"]
+
+
+def _single_container_layout() -> tuple[str, tuple[str, ...]]:
+    """(the container's user: PID 1's and the health checks', the ENTRYPOINT's wrapper before
+    `mailflow`) of the single-container variant, from its Dockerfile in docs/deploy.md §9."""
+    text = (REPO / "docs" / "deploy.md").read_text()
+    section = text.split("## 9.")[1].split("## 10.")[0]
+    block = re.search(r"```dockerfile\n(.*?)```", section, re.DOTALL)
+    assert block is not None
+    users = re.findall(r"^USER\s+(\S+)", block.group(1), re.MULTILINE)
+    entry = re.search(r"^ENTRYPOINT\s+(\[.*\])\s*$", block.group(1), re.MULTILINE)
+    wrapper = json.loads(entry.group(1)) if entry else ["mailflow"]
+    return users[-1].split(":")[0], tuple(wrapper[: wrapper.index("mailflow")])
+
+
+@pytest.mark.php
+def test_an_exec_processor_finds_no_aws_variable_in_any_proc_environ(env: Env) -> None:
+    """The single-container variant as documented: PID 1 (the init) and a health check hold
+    the task's credentials URI; the worker and its processor run as they are told to. The
+    processor, which reads every /proc/*/environ it can open, must find no AWS_ variable."""
+    require_binary("setpriv")
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the image's users")
+    container_user, wrapper = _single_container_layout()
+    work = Path(tempfile.mkdtemp(prefix="mailflow-single-"))  # under /tmp: any uid reaches it
+    mark = f"mark-{uuid.uuid4().hex}"
+    planted = {"AWS_CONTAINER_CREDENTIALS_RELATIVE_URI": "/v2/credentials/planted-guid"}
+    stand_ins: list[subprocess.Popen[bytes]] = []
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        work.chmod(0o777)  # the worker's uid comes from the layout: let it write its files here
+        probe_dir = work / "probe"
+        probe_dir.mkdir(mode=0o777)
+        probe_dir.chmod(0o777)
+        settings = env.with_settings(
+            routes=(probe_route(),),
+            pass_env=("PROBE_DIR", "PROBE_MARK"),
+            spool_dir=work / "spool",
+            health_file=work / "health",
+        )
+        stand_ins.extend(  # PID 1, and a health check in flight
+            subprocess.Popen(
+                [*_as_user(container_user), "/bin/sleep", "120"],
+                env={"PATH": "/usr/bin:/bin", "PROBE_MARK": mark, **planted},
+            )
+            for _ in range(2)
+        )
+        proc = start_worker(
+            settings, work / "worker.log", work, prefix=(*_as_user(container_user), *wrapper),
+            PROBE_DIR=str(probe_dir), PROBE_MARK=mark, **planted,
+        )  # fmt: skip
+
+        async def send() -> str:
+            async with open_clients() as clients:
+                return await env.send(clients, SIMPLE_MAIL, ["probe-0@orders.example.com"])
+
+        asyncio.run(send())
+        (report,) = wait_for(lambda: probe_reports(probe_dir), 60, "the probe's report")
+        # The control: root sees PID 1's planted variable, so the probe is not blind.
+        control = subprocess.run(
+            [require_binary("php"), "-r", f"require '{PROBE}'; echo json_encode(scan_environ());"],
+            env={"PATH": "/usr/bin:/bin", "PROBE_MARK": mark},
+            capture_output=True,
+            check=True,
+        )
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            finally:
+                reap(proc)
+        for stand_in in stand_ins:
+            stand_in.kill()
+            stand_in.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    seen = json.loads(control.stdout)["aws"]
+    assert f"{stand_ins[0].pid}:AWS_CONTAINER_CREDENTIALS_RELATIVE_URI" in seen, seen
+    assert report["uid"] != 0, "the processor runs as non-root"
+    assert report["environ"]["aws"] == [], report["environ"]

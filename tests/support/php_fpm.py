@@ -115,7 +115,9 @@ def running_php_fpm(
     unix_socket: bool = False,
     max_children: int = 8,
     extra_env: dict[str, str] | None = None,
+    prefix: Sequence[str] = (),
 ) -> Iterator[PhpFpm]:
+    """php-fpm via sidecar/run-local; `prefix` runs it under another command (setpriv)."""
     require_php_fpm()
     workdir.mkdir(parents=True, exist_ok=True)
     address = str(workdir / "php-fpm.sock") if unix_socket else f"127.0.0.1:{free_port()}"
@@ -134,7 +136,7 @@ def running_php_fpm(
     log_path = workdir / "php-fpm.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [str(RUN_LOCAL)],
+            [*prefix, str(RUN_LOCAL)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
