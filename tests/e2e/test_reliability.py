@@ -330,6 +330,32 @@ def test_a_control_character_reaches_the_dlq_with_its_reason(env: Env, proxy: Fa
     assert proxy.stats.faults["sqs_refused_attribute"] == 0
 
 
+def test_a_refused_dead_letter_send_is_sent_again_with_the_reason_alone(
+    env: Env, proxy: FaultProxy
+) -> None:
+    """Should SQS refuse the dead-letter send for its attributes anyway (a rule we do not
+    know of), the message goes once more with the reason alone, ASCII: in the DLQ with a
+    reason, not looping until the redrive policy takes it without one."""
+    env.publish_raw("not json at all")
+    proxy.script("invalid_parameter", operation="SendMessage")
+
+    async def scenario() -> None:
+        async with clients_via(proxy.url) as clients:
+
+            async def dead(_c: AwsClients) -> bool:
+                return queue_settled(env)
+
+            await run_workers_until([Worker(env.settings, clients)], clients, dead, timeout_s=15)
+
+    asyncio.run(scenario())
+    (msg,) = env.drain_queue(dlq=True)
+    attrs = {k: v["StringValue"] for k, v in msg["MessageAttributes"].items()}
+    assert attrs["mailflow_reason"] == "not_json"
+    assert attrs["mailflow_detail"].startswith("attributes refused (InvalidParameterValue)")
+    assert msg["Body"] == "not json at all"
+    assert proxy.stats.faults["invalid_parameter"] == 1
+
+
 # --- leases and heartbeat -----------------------------------------------------------------------
 
 

@@ -328,18 +328,36 @@ class Queue:
         # Every value escaped to SQS's character set and capped: the reason and detail quote
         # the hostile input itself, and a refused send would leave the message looping until
         # the redrive policy dead-letters it with no reason at all.
+        attributes = {
+            "mailflow_reason": _attr(sqs_text(reason, REASON_MAX_BYTES)),
+            "mailflow_detail": _attr(sqs_text(detail, DETAIL_MAX_BYTES)),
+            "mailflow_source_message_id": _attr(sqs_text(msg.message_id, REASON_MAX_BYTES)),
+        }
+        try:
+            await self._send_dead(msg, attributes)
+        except AwsPermanentError as exc:
+            # Refused anyway, for a rule we do not know of: once more with the reason alone,
+            # in ASCII. If the body itself is refused, this raises and the redrive policy
+            # remains the last resort.
+            log.warning("dead_letter_attributes_refused", message_id=msg.message_id, error=str(exc))
+            ascii_reason = reason.encode("ascii", "backslashreplace").decode("ascii")
+            await self._send_dead(
+                msg,
+                {
+                    "mailflow_reason": _attr(sqs_text(ascii_reason, REASON_MAX_BYTES)),
+                    "mailflow_detail": _attr(f"attributes refused ({exc.code})"),
+                },
+            )
+        await self.delete(msg)
+
+    async def _send_dead(self, msg: Message, attributes: dict[str, dict[str, str]]) -> None:
         await aws.call(
             "sqs.SendMessage",
             self._sqs.send_message,
             QueueUrl=self.dlq_url,
             MessageBody=msg.body or "(empty)",
-            MessageAttributes={
-                "mailflow_reason": _attr(sqs_text(reason, REASON_MAX_BYTES)),
-                "mailflow_detail": _attr(sqs_text(detail, DETAIL_MAX_BYTES)),
-                "mailflow_source_message_id": _attr(sqs_text(msg.message_id, REASON_MAX_BYTES)),
-            },
+            MessageAttributes=attributes,
         )
-        await self.delete(msg)
 
     async def send(self, body: str) -> str:
         """Send `body` to the main queue (reconciler and retry re-enqueues); returns its id."""
