@@ -365,6 +365,8 @@ def test_mail_key_binds_every_use_to_the_ses_encryption_context(tf):
         "kms:EncryptionContext:aws:ses:source-account": ("StringEquals", ["${local.account}"]),
         "kms:EncryptionContext:aws:ses:rule-name": ("StringEquals", "${local.rule_names}"),
     }
+    # Decrypts also need the per-mail part of SES's context (docs/guarantees.md).
+    message_id = {"kms:EncryptionContext:aws:ses:message-id": ("Null", ["false"])}
     ses = statements["SesEncryptsThisAccountsMail"]
     assert block(ses, "principals")["identifiers"] == ["ses.amazonaws.com"]
     assert context.items() <= _conditions(ses).items()
@@ -375,7 +377,7 @@ def test_mail_key_binds_every_use_to_the_ses_encryption_context(tf):
         "${aws_iam_role.worker_task.arn}",
         "${aws_iam_role.reconcile_task.arn}",
     ]
-    assert _conditions(workers) == context
+    assert _conditions(workers) == context | message_id
     # The role policies use the same context (iam.tf's local), condition by condition.
     assert tf["locals"]["ses_encryption_context"] == {k: v[1] for k, v in context.items()}
 
@@ -441,7 +443,8 @@ def test_worker_role_is_least_privilege(tf):
     assert send["resources"] == ["${aws_sqs_queue.dlq.arn}"]
     [decrypt] = [s for s in statements if "kms:Decrypt" in s["actions"]]
     assert _conditions(decrypt) == {
-        "ses_encryption_context": ("StringEquals", "local.ses_encryption_context")
+        "ses_encryption_context": ("StringEquals", "local.ses_encryption_context"),
+        "kms:EncryptionContext:aws:ses:message-id": ("Null", ["false"]),
     }
 
 

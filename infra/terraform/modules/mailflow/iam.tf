@@ -89,6 +89,12 @@ data "aws_iam_policy_document" "worker_task" {
         values   = condition.value
       }
     }
+    # SES binds every data key to one mail: a context without a message id is not SES's.
+    condition {
+      test     = "Null"
+      variable = "kms:EncryptionContext:aws:ses:message-id"
+      values   = ["false"]
+    }
   }
 
   statement {
@@ -147,6 +153,12 @@ data "aws_iam_policy_document" "reconcile_task" {
         variable = condition.key
         values   = condition.value
       }
+    }
+    # SES binds every data key to one mail: a context without a message id is not SES's.
+    condition {
+      test     = "Null"
+      variable = "kms:EncryptionContext:aws:ses:message-id"
+      values   = ["false"]
     }
   }
 

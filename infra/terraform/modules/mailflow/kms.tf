@@ -80,6 +80,11 @@ data "aws_iam_policy_document" "mail_key" {
       variable = "kms:EncryptionContext:aws:ses:rule-name"
       values   = local.rule_names
     }
+    condition {
+      test     = "Null"
+      variable = "kms:EncryptionContext:aws:ses:message-id"
+      values   = ["false"]
+    }
   }
 }
 
