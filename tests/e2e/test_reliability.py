@@ -1025,3 +1025,53 @@ def test_kill_tree_helper_kills_processors_in_their_own_groups() -> None:
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(parent.pid, signal.SIGKILL)
+
+
+def test_the_carrier_finishes_the_delivery_after_its_worker_dies(
+    env: Env, php: str, tmp_path: Path
+) -> None:
+    """A duplicate copy is deleted because the copy whose run holds the lease carries the
+    delivery. Then that run's worker is SIGKILLed: the carrier comes back after one
+    visibility timeout, the next worker claims and completes the delivery, and the DLQ
+    stays empty."""
+    settings = env.with_settings(visibility_timeout_s=3, lease_s=3, processor_timeout_s=30)
+    recipient = "slow-010@orders.example.com"
+
+    async def send() -> str:
+        async with open_clients() as clients:
+            return await env.send(clients, SIMPLE_MAIL, [recipient])
+
+    mail_id = asyncio.run(send())
+    did = delivery_id(mail_id, recipient)
+    first_log, second_log = tmp_path / "w1.log", tmp_path / "w2.log"
+    first = start_worker(settings, first_log, tmp_path, SLOW_S="60")
+    second = None
+    try:
+        wait_for(lambda: starts(env, did), 30, "the first run")
+        env.publish_raw(notification_body(env, mail_id, [recipient]))
+        wait_for(
+            lambda: any(
+                e.get("event") == "duplicate" and e.get("why") == "live_run_elsewhere"
+                for e in log_events(first_log)
+            ),
+            30,
+            "the copy deleted as a duplicate of the live run",
+        )
+        kill_tree(first.pid)
+        first.wait(10)
+        second = start_worker(settings, second_log, tmp_path, SLOW_S="1")
+        wait_for(
+            lambda: [r["status"] for r in _records(env, [mail_id])] == ["succeeded"],
+            60,
+            "the carrier to bring the delivery to its end",
+        )
+        wait_for(lambda: queue_settled(env), 30, "the queue to settle")
+    finally:
+        reap(first)
+        if second is not None:
+            second.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                second.wait(30)
+            reap(second)
+    assert _dlq_depth(env) == 0
+    assert len(starts(env, did)) == 2  # the killed run and the one that completed
