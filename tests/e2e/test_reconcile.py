@@ -156,7 +156,8 @@ def test_two_reconcile_processes_at_once_dry_run_first(env: Env) -> None:
 
 def test_orphan_objects_are_recovered_and_delivered(env: Env) -> None:
     single = put_orphan(env, SIMPLE_MAIL, ["ok-011@orders.example.com"])
-    # Two envelope recipients: SES writes no `for` clause, so To/Cc (filtered by route) count.
+    # Two envelope recipients: SES writes no `for` clause; To/Cc are only a guess (a Bcc
+    # recipient is missing, a listed one may not be ours): never delivered, an operator's.
     double = put_orphan(
         env,
         mail_to("ok-012@orders.example.com", "someone@example.org", "ok-013@orders.example.com"),
@@ -170,24 +171,112 @@ def test_orphan_objects_are_recovered_and_delivered(env: Env) -> None:
             recovered = {a.mail_id: a for a in report.actions if a.phase == "orphans"}
             assert recovered[single].what == "recovered"
             assert recovered[single].detail == "from received_header"
-            assert (
-                recovered[double].recipient == "ok-012@orders.example.com,ok-013@orders.example.com"
+            assert recovered[double].what == "needs_operator"
+            assert "ok-012@orders.example.com, ok-013@orders.example.com" in (
+                recovered[double].detail
             )
+            assert report.counts()["orphans_for_operator"] == 1
             assert recovered[nobody].what == "no_recipient"
             # The one without a recipient is failed and archived to failed/ in the same pass.
             (unknown,) = await env.records(clients, nobody)
             assert (unknown["status"], unknown["reason"]) == ("archived", "orphan_no_recipient")
             assert unknown["archived_key"] == f"failed/{nobody}"
-            for rec in await env.records(clients, single) + await env.records(clients, double):
+            # The guessed one: failed, filed for an operator, not archived, nothing queued.
+            (guessed,) = await env.records(clients, double)
+            assert (guessed["status"], guessed["attn"]) == ("failed", "orphan")
+            assert guessed["reason"] == "orphan_recipients_unverified"
+            assert guessed["candidates"] == [
+                "ok-012@orders.example.com",
+                "ok-013@orders.example.com",
+            ]
+            for rec in await env.records(clients, single):
                 assert rec["status"] == "received"
                 assert rec["sender"] == "shop@example.com"
             assert (await reconcile(env, clients)).counts()["orphans_recovered"] == 0
-            await run_worker_until(env.settings, clients, all_terminal(env, [single, double], 3))
-            for rec in await env.records(clients, single) + await env.records(clients, double):
+            await run_worker_until(env.settings, clients, all_terminal(env, [single]))
+            for rec in await env.records(clients, single):
                 assert (rec["status"], rec["attempts"]) == ("succeeded", 1)
+            assert (await env.records(clients, double))[0]["status"] == "failed"
 
     asyncio.run(scenario())
-    assert len(env.starts()) == 3
+    assert len(env.starts()) == 1  # only the envelope recipient ran
+    assert obj(env, f"incoming/{double}") is not None  # kept where the operator finds it
+    status = json.loads(_mailflow(env, "status", "--json"))
+    assert status["orphans_for_operator"] == 1
+    listed = json.loads(_mailflow(env, "list", "--status", "orphan", "--json"))
+    assert [(r["mail_id"], r["reason"]) for r in listed] == [
+        (double, "orphan_recipients_unverified")
+    ]
+
+
+def _mailflow(env: Env, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "mailflow", *args],
+        env=cli_env(env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_no_orphan_while_the_queue_may_still_hold_its_notification(env: Env) -> None:
+    """An object without a record is an orphan only if its notification cannot be queued
+    any more: stored (orphan_age_s) before a moment the queue was seen empty."""
+
+    async def scenario() -> None:
+        async with open_clients() as clients:
+            # A backlog: a notification the worker has not received yet.
+            queued = await env.send(clients, SIMPLE_MAIL, ["ok-021@orders.example.com"])
+            lost = put_orphan(env, SIMPLE_MAIL, ["ok-022@orders.example.com"])
+            report = await reconcile(env, clients)
+            assert report.counts()["orphans_recovered"] == 0, report.actions
+            (skipped,) = [a for a in report.actions if a.phase == "orphans"]
+            assert "never seen empty" in skipped.detail
+            assert await env.records(clients, queued) == []  # not "recovered" from its object
+            assert await env.records(clients, lost) == []
+            await run_worker_until(env.settings, clients, all_terminal(env, [queued]))
+            await asyncio.sleep(env.settings.wait_time_s + 0.2)  # the last long poll ends
+            # The queue is empty now: what was stored before is an orphan.
+            report = await reconcile(env, clients)
+            assert [a.mail_id for a in report.actions if a.what == "recovered"] == [lost]
+            # A backlog again: an object stored after the queue was last seen empty waits.
+            time.sleep(1.1)  # S3's LastModified has whole seconds
+            await env.send(clients, SIMPLE_MAIL, ["ok-023@orders.example.com"])
+            later = put_orphan(env, SIMPLE_MAIL, ["ok-024@orders.example.com"])
+            report = await reconcile(env, clients)
+            assert report.counts()["orphans_recovered"] == 0, report.actions
+            assert await env.records(clients, later) == []
+
+    asyncio.run(scenario())
+
+
+def test_the_orphan_scan_goes_on_where_the_last_pass_stopped(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each pass lists a bounded stretch of keys (here 2); the next pass goes on from there
+    instead of listing the same first keys again, and starts over at the end."""
+    import mailflow.ops.reconcile as reconcile_module  # noqa: PLC0415
+
+    monkeypatch.setattr(reconcile_module, "MAX_LIST_PAGES", 1)
+    monkeypatch.setattr(reconcile_module, "LIST_PAGE_KEYS", 2)
+    orphans = sorted(
+        put_orphan(env, SIMPLE_MAIL, [f"ok-03{i}@orders.example.com"]) for i in range(5)
+    )
+
+    async def scenario() -> list[list[str]]:
+        async with open_clients() as clients:
+            found = []
+            for _ in range(3):
+                report = await reconcile(env, clients)
+                found.append(sorted(a.mail_id for a in report.actions if a.what == "recovered"))
+            state = await Ledger(clients.dynamodb, env.settings.table).reconcile_state()
+            assert state["cursor"] == ""  # the third pass reached the end: start over
+            return found
+
+    assert asyncio.run(scenario()) == [orphans[0:2], orphans[2:4], orphans[4:5]]
 
 
 async def stuck(env: Env, clients: AwsClients, recipient: str) -> tuple[str, DeliveryKey]:

@@ -49,6 +49,12 @@ TERMINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.ARCHIVED})
 #: `attn` of a delivery parked in the table because its key is held (`mailflow hold`). Its
 #: `status` stays `received` or `retrying`; the reconciler, which queries by status, skips it.
 HELD = "held"
+#: `attn` of a mail the reconciler found without a notification whose recipients only its To/Cc
+#: headers name: recorded `failed`, never delivered, kept (not archived) for an operator.
+ORPHAN = "orphan"
+#: The item holding the reconciler's orphan-scan state (no `attn`: outside the index; a
+#: mail_id SES never makes: its message ids are lower-case letters and digits).
+RECONCILE_STATE_KEY = {"mail_id": "#reconcile", "recipient": "orphan-scan"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,15 +319,23 @@ class Ledger:
         key: DeliveryKey,
         status: Status,
         fields: Mapping[str, Any],
+        *,
+        attn: str | None = None,
     ) -> bool:
         """Write a final state no processor run precedes (unroutable, quarantined).
 
         Only a delivery nobody has touched yet can be written this way; False = it existed.
+        `attn` files it under another attention bucket than its status (ORPHAN).
         """
         now = self._clock()
         upd = Update()
         values = {"created_at": now, "finished_at": now, "attempts": 0, **fields}
-        values |= {"status": status.value, "updated_at": now, "attn": status.value, "attn_at": now}
+        values |= {
+            "status": status.value,
+            "updated_at": now,
+            "attn": attn or status.value,
+            "attn_at": now,
+        }
         for attr, value in values.items():
             upd.set(attr, value)
         condition = (
@@ -434,6 +448,36 @@ class Ledger:
             ExpressionAttributeNames=names,
             ExpressionAttributeValues=values,
             Limit=min(1000, limit),
+        )
+
+    async def reconcile_state(self) -> dict[str, Any]:
+        """The orphan scan's state ({} before the first pass): `cursor` (the last key looked
+        at, "" to start over) and `queue_empty_at` (when the queue was last seen empty)."""
+        resp = await aws.call(
+            "ddb.GetItem",
+            self._ddb.get_item,
+            TableName=self.table,
+            Key=serialize(RECONCILE_STATE_KEY),
+            ConsistentRead=True,
+        )
+        return deserialize(resp.get("Item"))
+
+    async def save_reconcile_state(self, *, cursor: str, queue_empty_at: float | None) -> None:
+        """Store the orphan scan's state (last writer wins: two passes at once only repeat
+        a stretch of the listing, and every orphan write is conditional)."""
+        upd = Update()
+        upd.set("cursor", cursor)
+        upd.set("updated_at", self._clock())
+        if queue_empty_at is not None:
+            upd.set("queue_empty_at", queue_empty_at)
+        await aws.call(
+            "ddb.UpdateItem",
+            self._ddb.update_item,
+            TableName=self.table,
+            Key=serialize(RECONCILE_STATE_KEY),
+            UpdateExpression=upd.expression(),
+            ExpressionAttributeNames=upd.names,
+            ExpressionAttributeValues=upd.values,
         )
 
     async def scan(self, limit: int = 1000) -> list[dict[str, Any]]:
@@ -582,7 +626,7 @@ class Ledger:
 
     async def attention_stats(
         self,
-        status: Status,
+        status: Status | str,
         limit: int = 100_000,
     ) -> tuple[int, dict[str, Any] | None]:
         """(count, the delivery received longest ago) of one non-archived status, read from
@@ -596,7 +640,7 @@ class Ledger:
             KeyConditionExpression="#attn = :s",
             ProjectionExpression="mail_id, recipient, received_at, created_at",
             ExpressionAttributeNames={"#attn": "attn"},
-            ExpressionAttributeValues={":s": {"S": status.value}},
+            ExpressionAttributeValues={":s": {"S": str(status)}},
         )
         count, oldest, oldest_at = len(items), None, float("inf")
         for item in items:

@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,10 +254,17 @@ class Listed:
 
 
 async def list_objects(
-    s3: Any, bucket: str, prefix: str, *, max_pages: int, start_after: str | None = None
-) -> AsyncIterator[Listed]:
-    """Objects under `prefix`, in key order, at most `max_pages` pages of 1,000."""
-    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": 1000}
+    s3: Any,
+    bucket: str,
+    prefix: str,
+    *,
+    max_pages: int,
+    start_after: str | None = None,
+    page_keys: int = 1000,
+) -> AsyncGenerator[Listed, None]:
+    """Objects under `prefix` after `start_after`, in key order, at most `max_pages` pages
+    of `page_keys` (S3's maximum, 1,000, by default)."""
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_keys}
     if start_after:
         kwargs["StartAfter"] = start_after
     for _ in range(max_pages):

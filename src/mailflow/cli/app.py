@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_send)
 
     p = sub.add_parser("list", help="list deliveries (table, or --json)")
-    p.add_argument("--status", help="received|processing|retrying|succeeded|failed|archived")
+    p.add_argument("--status", help="received|processing|retrying|succeeded|failed|archived|orphan")
     p.add_argument("--route", help="only this route")
     p.add_argument("--recipient", help="only this recipient (exact, case-insensitive)")
     p.add_argument("--since", help="only updated since: ISO time or age like 30m, 2h, 1d")

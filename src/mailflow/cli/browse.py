@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from mailflow.aws import open_clients
-from mailflow.aws.ledger import Ledger, Status
+from mailflow.aws.ledger import ORPHAN, Ledger, Status
 from mailflow.cli.render import (
     deliveries_table,
     delivery_json,
@@ -49,6 +49,8 @@ async def query(
     Archived deliveries have no index to query: that case scans the table (slow on a big one)."""
     if status == Status.ARCHIVED.value:
         return [r for r in await ledger.scan(limit=100_000) if r.get("status") == status][:limit]
+    if status == ORPHAN:  # failed, filed apart for an operator (see ops/reconcile.py)
+        return await ledger.needing_attention(ORPHAN, limit=limit)
     statuses = [Status(status)] if status else [s for s in Status if s is not Status.ARCHIVED]
     out: list[dict[str, Any]] = []
     for st in statuses:
@@ -60,7 +62,7 @@ async def list_deliveries(args: argparse.Namespace, settings: Settings) -> int:
     """`mailflow list`: the newest-updated deliveries matching the options, as a table or JSON.
 
     Exit 2 on an unknown `--status` or an unreadable `--since`."""
-    if args.status and args.status not in {s.value for s in Status}:
+    if args.status and args.status not in {s.value for s in Status} | {ORPHAN}:
         sys.stderr.write(f"mailflow list: unknown status {args.status!r}\n")
         return EXIT_CONFIG
     try:

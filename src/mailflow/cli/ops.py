@@ -65,6 +65,12 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
             f"queue: {q.get('queue_visible', 0)} visible, {q.get('queue_in_flight', 0)} in"
             f" flight; DLQ: {q.get('dlq_visible', '-')} visible"
         )
+        if report["orphans_for_operator"]:
+            say(
+                f"orphans for an operator: {report['orphans_for_operator']} (stored mail without"
+                " a notification whose recipients only To/Cc name; `mailflow list --status"
+                " orphan`)"
+            )
         for line in render_holds(report["holds"]):
             say(line)
         return EXIT_OK

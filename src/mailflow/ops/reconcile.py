@@ -1,11 +1,16 @@
 """`mailflow reconcile`: one bounded pass over what the worker cannot see by itself.
 
 Three phases, in this order, each at most `limit` items:
-- orphans: objects under the incoming prefix older than `orphan_age_s` with no record (the
-  notification was lost). The envelope recipients come from the stored mail (SES's top
-  `Received: ... for <addr>`, else the To/Cc addresses a route takes); the deliveries are
-  created `received` and a synthetic notification is queued. No recipient: one `failed`
-  delivery for `unknown` (reason `orphan_no_recipient`), so it shows and gets archived.
+- orphans: objects under the incoming prefix with no record whose notification cannot be
+  in the queue any more: stored `orphan_age_s` before a moment the queue was seen empty (see
+  `_orphans`). The listing resumes from a cursor kept in the table. The envelope recipient
+  comes from the stored mail (SES's top `Received: ... for <addr>`, written for
+  single-recipient mail only): the delivery is created `received` and a synthetic
+  notification is queued. Recipients only the To/Cc headers name are a guess and never
+  delivered: one `failed` delivery for `unknown` (reason `orphan_recipients_unverified`, the
+  addresses in `candidates`) filed under `attn = orphan` for an operator (`mailflow status`,
+  `mailflow list --status orphan`), not archived. No recipient at all: one `failed` delivery
+  for `unknown` (reason `orphan_no_recipient`), so it shows and gets archived.
 - requeue: `received` never claimed, `retrying` past due, `processing` with an expired lease,
   each older than `grace_s` (so the worker's own deferred SQS message gets its chance first):
   if the object is still there, mark the delivery requeued (conditional: one reconciler wins)
@@ -19,6 +24,7 @@ lock. `dry_run` reads everything and writes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -32,7 +38,7 @@ from typing import Any, Protocol
 import structlog
 
 from mailflow.aws import AwsClients, shapes
-from mailflow.aws.ledger import DeliveryKey, Ledger, Status, history_entry
+from mailflow.aws.ledger import ORPHAN, DeliveryKey, Ledger, Status, history_entry
 from mailflow.aws.queue import Queue
 from mailflow.aws.store import KeyRing, Listed, Location, head, list_objects, read_prefix
 from mailflow.config import Settings
@@ -51,6 +57,10 @@ MAX_ORPHAN_RECIPIENTS = 50
 #: Pages of the incoming listing per pass (1000 keys each).
 MAX_LIST_PAGES = 20
 UNKNOWN_RECIPIENT = "unknown"
+#: Keys per page of the incoming listing (S3's maximum).
+LIST_PAGE_KEYS = 1000
+#: The reason of an orphan whose recipients only its To/Cc headers name.
+ORPHAN_UNVERIFIED = "orphan_recipients_unverified"
 
 _RETURN_PATH = re.compile(r"^Return-Path:[ \t]*<([^<>\r\n]*)>", re.IGNORECASE | re.MULTILINE)
 _SES_VERDICT = re.compile(r"^X-SES-(Spam|Virus)-Verdict:[ \t]*(\w+)", re.IGNORECASE | re.MULTILINE)
@@ -120,6 +130,7 @@ class PassReport:
             "object_missing": self.count("object_missing"),
             "orphans_recovered": self.count("recovered"),
             "orphans_no_recipient": self.count("no_recipient"),
+            "orphans_for_operator": self.count("needs_operator"),
             "skipped": self.count(result="skipped"),
             "errors": self.errors,
         }
@@ -145,7 +156,8 @@ class PassReport:
             f" failed {archived['failed']}, quarantine {archived['quarantine']}),"
             f" {verb}requeue {c['requeued']}, object_missing {c['object_missing']},"
             f" orphans {c['orphans_recovered']} (+{c['orphans_no_recipient']} without"
-            f" recipient); skipped {c['skipped']}, errors {c['errors']}"
+            f" recipient, +{c['orphans_for_operator']} for an operator);"
+            f" skipped {c['skipped']}, errors {c['errors']}"
             f" in {self.duration_s:.2f}s"
         )
 
@@ -202,7 +214,10 @@ def requeue_body(
 
 
 def orphan_recipients(head_bytes: bytes, settings: Settings) -> tuple[list[str], str]:
-    """(recipients, where they came from) for an orphan mail's header block."""
+    """(recipients, where they came from) for an orphan mail's header block.
+
+    Only `received_header` is SES's envelope; `to_cc_headers` is a guess (a Bcc recipient is
+    missing, a listed one may not be ours) that is never delivered, only shown to an operator."""
     envelope = received_for(head_bytes)
     if envelope:
         return envelope[:MAX_ORPHAN_RECIPIENTS], "received_header"
@@ -387,26 +402,66 @@ class Reconciler:
     # --- orphans ----------------------------------------------------------------------------
 
     async def _orphans(self) -> list[Action]:
+        """Unrecorded objects whose notification cannot be in the queue any more.
+
+        SQS tells no message's age, so the queue must have been seen *empty* (nothing visible,
+        nothing in flight) at some time T; an object stored `orphan_age_s` before T had its
+        notification in the queue before T, so by T it was processed (a record exists) or
+        dead-lettered, or it never came. Objects after that wait for a later empty queue.
+        The listing goes on from where the last pass stopped (a cursor in the table) and
+        starts over at the end of the prefix."""
         age_s = (
             self.settings.orphan_age_s
             if self.options.orphan_age_s is None
             else self.options.orphan_age_s
         )
-        cutoff = self._clock() - age_s
+        now = self._clock()
+        state = await self.ledger.reconcile_state()
+        depth = await self.queue.depth()
+        backlog = depth.get("queue_visible", 0) + depth.get("queue_in_flight", 0)
+        seen_empty = state.get("queue_empty_at")
+        empty_at = now if backlog == 0 else (float(seen_empty) if seen_empty else None)
+        if empty_at is None:
+            return [
+                Action(
+                    "orphans",
+                    "orphan_scan",
+                    "skipped",
+                    "-",
+                    detail=f"the queue holds {backlog} messages and was never seen empty:"
+                    " an unrecorded object may still have its notification there",
+                )
+            ]
+        cutoff = empty_at - age_s
         prefix = self.settings.incoming_prefix
-        old: list[Listed] = []
-        async for obj in list_objects(
-            self.clients.s3, self.settings.bucket, prefix, max_pages=MAX_LIST_PAGES
-        ):
-            mail_id = obj.key.removeprefix(prefix)
-            if mail_id and "/" not in mail_id and obj.modified_at <= cutoff:
-                old.append(obj)
+        cursor = str(state.get("cursor") or "")
         orphans: list[Listed] = []
-        for obj in old:  # the ledger is asked only about old objects, and only until `limit`
-            if len(orphans) >= self.options.limit or self.should_stop():
-                break
-            if not await self.ledger.get_mail(obj.key.removeprefix(prefix)):
-                orphans.append(obj)
+        listed, stopped = 0, False
+        async with contextlib.aclosing(
+            list_objects(
+                self.clients.s3,
+                self.settings.bucket,
+                prefix,
+                max_pages=MAX_LIST_PAGES,
+                start_after=cursor or None,
+                page_keys=LIST_PAGE_KEYS,
+            )
+        ) as objects:
+            async for obj in objects:
+                if len(orphans) >= self.options.limit or self.should_stop():
+                    stopped = True
+                    break
+                listed += 1
+                cursor = obj.key
+                mail_id = obj.key.removeprefix(prefix)
+                if not mail_id or "/" in mail_id or obj.modified_at > cutoff:
+                    continue
+                if not await self.ledger.get_mail(mail_id):
+                    orphans.append(obj)
+        if not stopped and listed < MAX_LIST_PAGES * LIST_PAGE_KEYS:
+            cursor = ""  # the end of the prefix: the next pass starts over
+        if not self.options.dry_run:
+            await self.ledger.save_reconcile_state(cursor=cursor, queue_empty_at=empty_at)
         return await self._each("orphans", orphans, self._orphan_one)
 
     async def _orphan_one(self, obj: Listed) -> Action:
@@ -432,6 +487,8 @@ class Reconciler:
         if not recipients:
             return await self._orphan_unknown(mail_id, where, fields)
         recipients = [normalize_recipient(r) for r in recipients]
+        if found_in != "received_header":
+            return await self._orphan_for_operator(mail_id, where, fields, recipients)
         act = partial(Action, "orphans", "recovered", mail_id=mail_id, dest=where.url)
         if self.options.dry_run:
             return act("would", recipient=",".join(recipients), detail=f"from {found_in}")
@@ -488,6 +545,41 @@ class Reconciler:
             },
         )
         log.warning("orphan_without_recipient", mail_id=mail_id, key=where.key)
+        return act("done" if created else "skipped")
+
+    async def _orphan_for_operator(
+        self, mail_id: str, where: Location, fields: dict[str, Any], candidates: list[str]
+    ) -> Action:
+        """A mail whose only recipients are To/Cc guesses: recorded, never delivered."""
+        detail = (
+            "no envelope recipient (SES names it only for single-recipient mail); To/Cc name "
+            + ", ".join(candidates)
+            + ": not delivered, check and deliver by hand"
+        )[:1000]
+        act = partial(
+            Action,
+            "orphans",
+            "needs_operator",
+            mail_id=mail_id,
+            recipient=UNKNOWN_RECIPIENT,
+            dest=where.url,
+            detail=detail,
+        )
+        if self.options.dry_run:
+            return act("would")
+        created = await self.ledger.record_without_claim(
+            DeliveryKey(mail_id, UNKNOWN_RECIPIENT),
+            Status.FAILED,
+            fields
+            | {
+                "outcome": Status.FAILED.value,
+                "reason": ORPHAN_UNVERIFIED,
+                "detail": detail,
+                "candidates": candidates,
+            },
+            attn=ORPHAN,  # not archived: the object stays under incoming/ for the operator
+        )
+        log.warning("orphan_needs_operator", mail_id=mail_id, key=where.key, to_cc=candidates)
         return act("done" if created else "skipped")
 
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mailflow.aws import AwsClients
-from mailflow.aws.ledger import Ledger, Status
+from mailflow.aws.ledger import ORPHAN, Ledger, Status
 from mailflow.aws.queue import Queue
 from mailflow.config import Settings
 
@@ -39,12 +39,15 @@ async def status_report(
             at = float(first.get("received_at") or first.get("created_at") or 0)
             if oldest is None or at < oldest["_at"]:
                 oldest = {**first, "status": status.value, "_at": at}
+    # Orphans only their To/Cc name, never delivered: they wait for an operator (failed, but
+    # filed apart so they are not archived).
+    orphans, _ = await ledger.attention_stats(ORPHAN)
     if exact:
         records = await ledger.scan(limit=SCAN_LIMIT)
         counts["archived"] = sum(1 for r in records if r.get("status") == Status.ARCHIVED)
     else:  # DynamoDB refreshes ItemCount about every six hours: an estimate
         total = await ledger.item_count_estimate()
-        counts["archived"] = max(0, total - sum(counts.values()))
+        counts["archived"] = max(0, total - sum(counts.values()) - orphans)
     queue = await Queue.resolve(clients.sqs, settings.queue, settings.dlq)
     now = clock()
     return {
@@ -52,6 +55,7 @@ async def status_report(
         "archived_count": "exact" if exact else "estimate",
         "unfinished": sum(counts[s.value] for s in UNFINISHED),
         "awaiting_archive": counts["succeeded"] + counts["failed"],
+        "orphans_for_operator": orphans,
         "oldest_unfinished": None
         if oldest is None
         else {
