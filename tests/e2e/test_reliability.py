@@ -389,9 +389,9 @@ def test_an_sqs_brownout_does_not_stop_lease_renewal(env: Env, proxy: FaultProxy
     message comes back, but the DynamoDB lease is renewed all along, so the copy is deferred
     and the processor runs exactly once (it ran four times when the lease renewal waited for
     the visibility call)."""
-    # heartbeat every 0.75 s; the brownout lasts 10 s, over three leases
-    settings = env.with_settings(visibility_timeout_s=3, lease_s=3, processor_timeout_s=30)
-    os.environ["SLOW_S"] = "12"
+    # heartbeat every 1 s (each call's deadline 0.8 s); the brownout lasts 12 s, three leases
+    settings = env.with_settings(visibility_timeout_s=4, lease_s=4, processor_timeout_s=30)
+    os.environ["SLOW_S"] = "14"
     recipient = "slow-006@orders.example.com"
 
     async def scenario() -> str:
@@ -404,7 +404,7 @@ def test_an_sqs_brownout_does_not_stop_lease_renewal(env: Env, proxy: FaultProxy
                 if starts(env, did) and not proxy.refused and not state.get("ended"):
                     proxy.refused = {"ChangeMessageVisibilityBatch", "ChangeMessageVisibility"}
                     state["brownout"] = time.monotonic()
-                if proxy.refused and time.monotonic() - state["brownout"] > 10:
+                if proxy.refused and time.monotonic() - state["brownout"] > 12:
                     proxy.refused = set()
                     state["ended"] = True
                 return await all_terminal(env, [mail_id])(direct)
