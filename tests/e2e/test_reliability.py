@@ -628,8 +628,8 @@ def test_a_duplicate_of_a_long_run_never_reaches_the_redrive_limit(env: Env, php
     """A copy deferred while another message's run holds the lease came back every lease
     period and, during a run longer than maxReceiveCount leases, went to the DLQ without a
     reason (and fired the DLQ alarm) although the work completed."""
-    settings = env.with_settings(visibility_timeout_s=2, lease_s=2, processor_timeout_s=30)
-    os.environ["SLOW_S"] = "9"
+    settings = env.with_settings(visibility_timeout_s=3, lease_s=3, processor_timeout_s=30)
+    os.environ["SLOW_S"] = "14"  # over four leases: a deferred copy is received 4+ times
     recipient = "slow-009@orders.example.com"
     sqs = env.boto("sqs")
     policy = json.loads(
