@@ -18,7 +18,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from mailflow.dev.backend_process import BackendNotInstalledError, BackendProcess, http_ready
+from mailflow.dev.backend_process import BackendNotInstalledError, BackendProcess
 
 #: The npm package `make backends` installs.
 DYNALITE_PACKAGE = "dynalite@4.0.0"
@@ -66,10 +66,6 @@ class Dynalite(BackendProcess):
             "--updateTableMs",
             str(TABLE_STATE_MS),
         ]
-
-    def ready(self, url: str) -> bool:
-        """dynalite answers any GET with 400 and a JSON error once it listens."""
-        return http_ready(url, accept=lambda status, _body: status < 500)
 
 
 def main(argv: list[str] | None = None) -> int:

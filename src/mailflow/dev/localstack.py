@@ -62,7 +62,8 @@ class LocalStack(BackendProcess):
         return [str(localstack_python()), "-m", "localstack.runtime.main"]
 
     def environment(self) -> dict[str, str]:
-        """A closed environment: only what LocalStack needs, nothing of ours leaks in."""
+        """A closed environment: only what LocalStack needs, nothing of ours leaks in. Makes
+        the private folder (data, temp, cache, HOME) that `cleanup` removes."""
         self._home = Path(tempfile.mkdtemp(prefix="mailflow-localstack-"))
         for sub in ("data", "tmp", "cache", "home"):
             (self._home / sub).mkdir()
