@@ -175,12 +175,13 @@ def markdown(res: dict[str, Any]) -> str:
         lines += [
             "",
             (
-                f"Fairness: {f['flood']} mails of one store (max_in_flight_per_key=1),"
-                f" then one mail of another store: its latency"
+                f"Fairness: {f['flood']} mails of one store (max_in_flight_per_key=1) through"
+                f" {f.get('workers', 1)} worker processes, then one mail of another store:"
+                f" the store's runs overlapped {fmt(f.get('flood_overlaps'))} times; its latency"
                 f" {fmt(f['lone_latency_ms'])} ms = {fmt(f['lone_latency_in_deliveries'])}"
                 f" flood deliveries ({fmt(f['flood_per_delivery_ms_p50'])} ms each);"
                 f" {f['flood_done_before_lone']} flood mails finished before it."
-                f" Worker: {json.dumps(f['worker_stats'])}."
+                f" Workers: {json.dumps(f['worker_stats'])}."
             ),
         ]
     if res.get("skipped"):

@@ -14,8 +14,9 @@ Phases (each on fresh resources of one embedded moto server, a subprocess):
 3. fastcgi   the same worker with the fastcgi transport against sidecar/run-local (php-fpm),
              when mailflow.processors.fastcgi, sidecar/run-local and php-fpm exist.
 4. rss       16 concurrent 40 MiB mails through a fresh worker: its VmHWM.
-5. fairness  a flood of one store (max_in_flight_per_key=1), then one mail of another store:
-             how long the lone mail takes, in units of one flood delivery's time.
+5. fairness  a flood of one store (max_in_flight_per_key=1) through --fair-workers worker
+             processes (3), then one mail of another store: how long the lone mail takes, in
+             units of one flood delivery's time, and whether the store's runs ever overlapped.
 
 A producer thread keeps at most --depth messages in the system (queued + in flight): moto's
 SQS scans the whole queue on every receive, so a deep queue would measure moto, not us.
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -212,21 +214,38 @@ def run_rss(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     }
 
 
+def merged_stats(stopped: list[dict[str, Any]]) -> dict[str, int | float]:
+    """The workers' `worker_stopped` counters, added up (`max_*` ones: the largest)."""
+    out: dict[str, int | float] = {}
+    for stats in stopped:
+        for k, v in stats.items():
+            if isinstance(v, (int, float)) and k != "exit_code":
+                out[k] = max(out.get(k, v), v) if k.startswith("max_") else out.get(k, 0) + v
+    return out
+
+
 def run_fairness(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     times = tmp / "times-fair.txt"
     route = processor_route(args.processor_ms, times, max_per_key=1)
     phase = Phase.create("fair", route, tmp, concurrency=args.concurrency, wait_time_s=1)
     key = phase.put_mail(ORDER_MAIL)
-    consumer = worker_consumer("fair", phase, (0, 0))
-    consumer.start(tmp / "fair.out")
-    consumer.wait_started()
+    # Several worker processes: max_in_flight_per_key is the service's limit, not a process's.
+    consumers = [worker_consumer(f"fair{i}", phase, (0, 0)) for i in range(args.fair_workers)]
+    for i, c in enumerate(consumers):
+        c.start(tmp / f"fair{i}.out")
+    for c in consumers:
+        c.wait_started()
+
+    def deliveries() -> list[dict[str, Any]]:
+        return [d for c in consumers for d in list(c.deliveries)]
+
     flood = Producer(
         phase,
         key,
         lambda _: "ne-001@orders.example.com",
         args.flood,
         args.flood + 10,
-        consumer.done,
+        consumers[0].done,
     )
     flood.run()  # all of it queued at once: that is the flood
     lone_id, body = phase.body(key, "ne-002@orders.example.com")
@@ -235,35 +254,39 @@ def run_fairness(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     deadline = time.monotonic() + max(120.0, args.flood * 0.5)
     lone = None
     while lone is None and time.monotonic() < deadline:
-        lone = next((d for d in consumer.deliveries if d.get("mail_id") == lone_id), None)
-        if consumer.proc.poll() is not None:
+        lone = next((d for d in deliveries() if d.get("mail_id") == lone_id), None)
+        if any(c.proc.poll() is not None for c in consumers):
             break
         time.sleep(0.05)
     flood_done_before = sum(
-        1 for d in consumer.deliveries if d.get("recipient") == "ne-001@orders.example.com"
+        1 for d in deliveries() if d.get("recipient") == "ne-001@orders.example.com"
     )
     # A few more flood deliveries for a stable per-delivery time.
-    with contextlib.suppress(RuntimeError):
-        consumer.wait_done(len(consumer.deliveries) + 5, timeout_s=30)
-    consumer.stop()
-    stopped = next((e for e in consumer.events if e.get("event") == "worker_stopped"), {})
+    settle = time.monotonic() + 30
+    while len(deliveries()) < flood_done_before + 6 and time.monotonic() < settle:
+        time.sleep(0.1)
+    for c in consumers:
+        c.stop()
+    stopped = [
+        next((e for e in c.events if e.get("event") == "worker_stopped"), {}) for c in consumers
+    ]
     flood_rows = [
-        stamps_of(d)
-        for d in consumer.deliveries
-        if d.get("recipient") == "ne-001@orders.example.com"
+        stamps_of(d) for d in deliveries() if d.get("recipient") == "ne-001@orders.example.com"
     ]
     per_delivery_ms = (
         statistics.median((r["recorded"] - r["admitted"]) * 1000 for r in flood_rows if r)
         if any(flood_rows)
         else None
     )
+    spans = sorted((r["spawn"], r["exit"]) for r in flood_rows if r)
     out: dict[str, Any] = {
         "flood": args.flood,
+        "workers": len(consumers),
         "flood_per_delivery_ms_p50": round(per_delivery_ms, 1) if per_delivery_ms else None,
         "flood_done_before_lone": flood_done_before,
-        "worker_stats": {
-            k: v for k, v in stopped.items() if k not in {"event", "timestamp", "level"}
-        },
+        # Two runs of the one store at once (must be 0: max_in_flight_per_key=1).
+        "flood_overlaps": sum(1 for a, b in itertools.pairwise(spans) if b[0] < a[1]),
+        "worker_stats": merged_stats(stopped),
     }
     if lone is None:
         out["lone_latency_ms"] = None
@@ -287,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--big-mib", type=int, default=40)
     parser.add_argument("--rss-processor-ms", type=int, default=3000)
     parser.add_argument("--flood", type=int, default=300, help="fairness: flood size")
+    parser.add_argument(
+        "--fair-workers", type=int, default=3, help="fairness: worker processes (default 3)"
+    )
     parser.add_argument(
         "--backend",
         choices=backend.KINDS,
