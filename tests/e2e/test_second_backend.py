@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import boto3
 import pytest
 from botocore.exceptions import ClientError
 
+from mailflow.aws import AwsClients, open_clients
 from mailflow.dev.backend_process import BackendNotInstalledError
 from mailflow.dev.dynalite import Dynalite
+from mailflow.dev.ses import received_notification
+from mailflow.worker.loop import Worker
+from support.harness import Env, run_worker_until
 
 
 def test_dynalite_refuses_what_dynamodb_refuses(aws_like_endpoints: dict[str, str]) -> None:
@@ -50,3 +57,36 @@ def test_a_stopped_emulator_leaves_no_process() -> None:
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not Path(f"/proc/{pid}").exists()
+
+
+@pytest.mark.parametrize("backend", ["localstack+dynalite"])
+def test_a_control_character_reaches_localstacks_dlq_with_its_reason(env: Env) -> None:
+    """Real SQS validation, no proxy: LocalStack refuses control characters in a message
+    attribute as SQS does; the escaped dead-letter reason goes through at the first receive."""
+    doc = received_notification(
+        mail_id="a\x01b\x1b[31m",
+        bucket=env.settings.bucket,
+        key=f"{env.settings.incoming_prefix}x",
+        prefix=env.settings.incoming_prefix,
+        topic_arn="arn:aws:sns:us-east-1:000000000000:t",
+        sender="shop@example.com",
+        recipients=["ok-001@orders.example.com"],
+        common_headers={},
+        now=datetime.now(UTC),
+    )
+    env.publish_raw(json.dumps(doc))
+
+    async def scenario() -> Worker:
+        async with open_clients() as clients:
+
+            async def settled(_c: AwsClients) -> bool:
+                return env.queue_counts() == {"visible": 0, "in_flight": 0}
+
+            return await run_worker_until(env.settings, clients, settled, timeout_s=30)
+
+    worker = asyncio.run(scenario())
+    (msg,) = env.drain_queue(dlq=True, wait_s=1)
+    attrs = {k: v["StringValue"] for k, v in msg["MessageAttributes"].items()}
+    assert attrs["mailflow_reason"] == "bad_mail_id"
+    assert attrs["mailflow_detail"] == "a\\x01b\\x1b[31m"
+    assert worker.stats["dead_lettered"] == 1
