@@ -69,9 +69,9 @@ run: $(STAMP)
 test: $(STAMP) $(S3EC) $(CHECKOV_STAMP) lint typecheck
 	MAILFLOW_CHECKOV=$(CHECKOV_VENV)/bin/checkov $(BIN)/pytest -q -p no:cacheprovider
 
-## unit: pure logic, no server, no php (the fast loop while editing)
+## unit: pure logic and the logic on in-memory fakes (contract suite on the fakes): no server, no php
 unit: $(STAMP)
-	$(BIN)/pytest -q -p no:cacheprovider -m "not server" tests/unit
+	$(BIN)/pytest -q -p no:cacheprovider -m "not server" tests/unit tests/contract
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)

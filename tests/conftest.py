@@ -1,9 +1,10 @@
 """Fixtures for every test folder, and the markers the folders imply.
 
 The folders say what a test is:
-- tests/unit: pure logic. No server, no php, no sleeps.
-- tests/contract: one suite run against every backend, so in-memory fakes cannot drift from
-  the real behaviour.
+- tests/unit: pure logic, and the worker/delivery/reconcile logic on the in-memory fakes
+  (mailflow.testing). No server, no php, no sleeps.
+- tests/contract: one suite run against every backend (support/backends.py: the fakes, a
+  moto server over HTTP), so the fakes cannot drift from the real behaviour.
 - tests/e2e: the real things together: moto server over HTTP, php-cli / php-fpm processes,
   worker processes and signals. A test parametrizing the `backend` fixture with BACKENDS
   runs on a second, independent backend too: LocalStack (S3, SQS, SNS) and dynalite

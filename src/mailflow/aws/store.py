@@ -393,3 +393,73 @@ def fit_metadata(kept: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
 async def delete(s3: Any, where: Location) -> None:
     """Delete an object (a missing one is no error: S3 says 204 either way)."""
     await aws.call("s3.DeleteObject", s3.delete_object, Bucket=where.bucket, Key=where.key)
+
+
+class S3Store:
+    """The mail store on S3 (`mailflow.ports.MailStorePort`): the functions of this module,
+    bound to one client and the KMS key ring that decrypts what SES stored encrypted."""
+
+    def __init__(self, s3: Any, keys: KeyRing | None = None) -> None:
+        self.s3 = s3
+        self.keys = keys
+
+    def spooled(
+        self,
+        bucket: str,
+        key: str,
+        *,
+        spool_dir: Path,
+        max_bytes: int,
+        mail_id: str | None = None,
+    ) -> contextlib.AbstractAsyncContextManager[SpooledMail]:
+        """`spooled` with this store's client and keys."""
+        return spooled(
+            self.s3,
+            bucket,
+            key,
+            spool_dir=spool_dir,
+            max_bytes=max_bytes,
+            keys=self.keys,
+            mail_id=mail_id,
+        )
+
+    async def head(self, where: Location) -> ObjectInfo | None:
+        """`head` with this store's client."""
+        return await head(self.s3, where)
+
+    def list_objects(
+        self,
+        bucket: str,
+        prefix: str,
+        *,
+        max_pages: int,
+        start_after: str | None = None,
+        page_keys: int = 1000,
+    ) -> AsyncGenerator[Listed, None]:
+        """`list_objects` with this store's client."""
+        return list_objects(
+            self.s3,
+            bucket,
+            prefix,
+            max_pages=max_pages,
+            start_after=start_after,
+            page_keys=page_keys,
+        )
+
+    async def read_prefix(self, where: Location, size_bytes: int) -> bytes:
+        """`read_prefix` with this store's client and keys."""
+        return await read_prefix(self.s3, where, size_bytes, self.keys)
+
+    async def copy_verified(
+        self, src: ObjectInfo, dest: Location, metadata: dict[str, str]
+    ) -> tuple[ObjectInfo, str]:
+        """`copy_verified` with this store's client."""
+        return await copy_verified(self.s3, src, dest, metadata)
+
+    async def verify_copy(self, src: ObjectInfo, dst: ObjectInfo) -> str:
+        """`verify_copy` with this store's client."""
+        return await verify_copy(self.s3, src, dst)
+
+    async def delete(self, where: Location) -> None:
+        """`delete` with this store's client."""
+        await delete(self.s3, where)

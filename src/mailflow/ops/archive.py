@@ -24,17 +24,10 @@ from typing import Any
 
 import structlog
 
-from mailflow.aws.ledger import TERMINAL, DeliveryKey, Ledger, Status
-from mailflow.aws.store import (
-    CopyMismatchError,
-    Location,
-    ObjectInfo,
-    copy_verified,
-    delete,
-    head,
-    verify_copy,
-)
+from mailflow.aws.ledger import TERMINAL, DeliveryKey, Status
+from mailflow.aws.store import CopyMismatchError, Location, ObjectInfo, head
 from mailflow.config import Settings
+from mailflow.ports import LedgerPort, MailStorePort
 
 log = structlog.get_logger("mailflow.ops.archive")
 
@@ -171,7 +164,7 @@ def lock_anchor(records: Sequence[dict[str, Any]]) -> DeliveryKey:
 
 @contextlib.asynccontextmanager
 async def mail_lock(
-    ledger: Ledger,
+    ledger: LedgerPort,
     records: Sequence[dict[str, Any]],
     owner: str,
     hold_s: float = LOCK_HOLD_S,
@@ -200,15 +193,15 @@ class Archiver:
     def __init__(
         self,
         settings: Settings,
-        s3: Any,
-        ledger: Ledger,
+        store: MailStorePort,
+        ledger: LedgerPort,
         *,
         owner: str,
         grace_s: float = 0.0,
         clock: Any = time.time,
     ) -> None:
         self.settings = settings
-        self.s3 = s3
+        self.store = store
         self.ledger = ledger
         self.owner = owner
         self.grace_s = grace_s
@@ -239,7 +232,7 @@ class Archiver:
     ) -> ObjectInfo | None:
         """The first place the object actually is (incoming first)."""
         for where in self.candidates(records, exclude):
-            info = await head(self.s3, where)
+            info = await self.store.head(where)
             if info is not None:
                 return info
         return None
@@ -282,28 +275,28 @@ class Archiver:
         dest: Destination,
     ) -> str:
         src = await self.find(records, exclude=dest.where)
-        dst = await head(self.s3, dest.where)
+        dst = await self.store.head(dest.where)
         if src is None:
             return "already in place" if dst is not None else "object_missing"
         how = ""
         if dst is not None:  # an earlier run copied, then stopped short of the delete
             with contextlib.suppress(CopyMismatchError):
-                how = await verify_copy(self.s3, src, dst)
+                how = await self.store.verify_copy(src, dst)
         if dst is None or not how:
             meta = archive_metadata(mail_id, dest.kind, src.where, records, self._clock())
-            dst, how = await copy_verified(self.s3, src, dest.where, meta)
-        await delete(self.s3, src.where)
+            dst, how = await self.store.copy_verified(src, dest.where, meta)
+        await self.store.delete(src.where)
         # Copies left at other archive locations (an earlier archive, then a retry).
         for where in self.candidates(records, dest.where):
-            stale = await head(self.s3, where)
+            stale = await self.store.head(where)
             if stale is None:
                 continue
             try:
-                await verify_copy(self.s3, stale, dst)
+                await self.store.verify_copy(stale, dst)
             except CopyMismatchError as exc:
                 log.warning("archive_stale_copy_kept", mail_id=mail_id, error=str(exc))
                 continue
-            await delete(self.s3, where)
+            await self.store.delete(where)
         return f"moved from {src.where.url} (verified by {how})"
 
     async def _mark(
@@ -345,8 +338,9 @@ class Archiver:
         home = source(self.settings, records)
         if info.where == home:
             return None
-        await copy_verified(self.s3, info, home, {"mailflow-restored-from": _ascii(info.where.url)})
-        await delete(self.s3, info.where)
+        restored_from = {"mailflow-restored-from": _ascii(info.where.url)}
+        await self.store.copy_verified(info, home, restored_from)
+        await self.store.delete(info.where)
         log.info("restored", mail_id=records[0]["mail_id"], source=info.where.url, to=home.url)
         return info.where.url
 

@@ -39,13 +39,13 @@ import structlog
 
 from mailflow.aws import AwsClients, shapes
 from mailflow.aws.ledger import ORPHAN, DeliveryKey, Ledger, Status, history_entry
-from mailflow.aws.queue import Queue
-from mailflow.aws.store import KeyRing, Listed, Location, head, list_objects, read_prefix
+from mailflow.aws.store import KeyRing, Listed, Location, S3Store
 from mailflow.config import Settings
 from mailflow.errors import MailflowError
 from mailflow.mail.notification import synthetic_notification
 from mailflow.mail.summary import HEAD_BUDGET_BYTES, header_addresses, received_for, split_head
 from mailflow.ops.archive import Archiver
+from mailflow.ports import LedgerPort, MailStorePort, QueuePort
 from mailflow.routing import DeliveryPlan, normalize_recipient, plan_delivery
 from mailflow.timestamps import iso
 
@@ -249,27 +249,36 @@ class Reconciler:
     def __init__(
         self,
         settings: Settings,
-        clients: AwsClients,
-        queue: Queue,
+        clients: AwsClients | None,
+        queue: QueuePort,
         options: ReconcileOptions,
         *,
         owner: str | None = None,
         tracker: Tracker | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         clock: Callable[[], float] = time.time,
+        ledger: LedgerPort | None = None,
+        store: MailStorePort | None = None,
     ) -> None:
+        """On AWS through `clients`, or on the `ledger` and `store` given (the fakes)."""
         self.settings = settings
-        self.clients = clients
         self.queue = queue
         self.options = options
         self.owner = owner or new_owner()
         self.tracker = tracker or NullTracker()
         self.should_stop = should_stop
         self._clock = clock
-        self.ledger = Ledger(clients.dynamodb, settings.table, clock=clock)
+        if clients is not None:
+            ledger = ledger or Ledger(clients.dynamodb, settings.table, clock=clock)
+            # SES may have stored a mail encrypted: the orphan scan reads its header.
+            store = store or S3Store(clients.s3, KeyRing(clients.kms_in, settings.kms_key))
+        if ledger is None or store is None:
+            raise ValueError("Reconciler needs AWS clients, or a ledger and a store")
+        self.ledger: LedgerPort = ledger
+        self.store: MailStorePort = store
         self.archiver = Archiver(
             settings,
-            clients.s3,
+            self.store,
             self.ledger,
             owner=self.owner,
             grace_s=options.archive_grace_s,
@@ -348,7 +357,7 @@ class Reconciler:
             str(record.get("key") or f"{self.settings.incoming_prefix}{key.mail_id}"),
         )
         seen = int(record.get("requeue_count") or 0)
-        gone = await head(self.clients.s3, where) is None
+        gone = await self.store.head(where) is None
         act = partial(
             Action,
             "requeue",
@@ -438,8 +447,7 @@ class Reconciler:
         orphans: list[Listed] = []
         listed, stopped = 0, False
         async with contextlib.aclosing(
-            list_objects(
-                self.clients.s3,
+            self.store.list_objects(
                 self.settings.bucket,
                 prefix,
                 max_pages=MAX_LIST_PAGES,
@@ -467,10 +475,7 @@ class Reconciler:
     async def _orphan_one(self, obj: Listed) -> Action:
         where = Location(self.settings.bucket, obj.key)
         mail_id = where.key.removeprefix(self.settings.incoming_prefix)
-        keys = KeyRing(self.clients.kms_in, self.settings.kms_key)  # SES may have encrypted it
-        head_bytes = split_head(
-            await read_prefix(self.clients.s3, where, HEAD_BUDGET_BYTES, keys),
-        )
+        head_bytes = split_head(await self.store.read_prefix(where, HEAD_BUDGET_BYTES))
         recipients, found_in = orphan_recipients(head_bytes, self.settings)
         sender, verdicts = orphan_envelope(head_bytes)
         received_at = obj.modified_at

@@ -19,6 +19,7 @@ import structlog
 from mailflow.aws import AwsClients
 from mailflow.aws.ledger import DeliveryKey, Ledger, Status
 from mailflow.aws.queue import Queue
+from mailflow.aws.store import S3Store
 from mailflow.config import Settings
 from mailflow.ops.archive import Archiver, mail_lock, source
 from mailflow.ops.reconcile import UNKNOWN_RECIPIENT, requeue_body
@@ -130,7 +131,9 @@ class Retrier:
         self.owner = owner or operator_id()
         self._clock = clock
         self.ledger = Ledger(clients.dynamodb, settings.table, clock=clock)
-        self.archiver = Archiver(settings, clients.s3, self.ledger, owner=self.owner, clock=clock)
+        self.archiver = Archiver(
+            settings, S3Store(clients.s3), self.ledger, owner=self.owner, clock=clock
+        )
 
     async def retry(self, mail_id: str) -> RetryResult:
         """Retry one mail's failed deliveries; returns what happened, never raises for a mail that

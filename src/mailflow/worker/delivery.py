@@ -21,8 +21,7 @@ import structlog
 
 from mailflow.aws import AwsPermanentError, shapes
 from mailflow.aws.envelope import DecryptError
-from mailflow.aws.ledger import Busy, Claimed, DeliveryKey, Ledger, Status, history_entry
-from mailflow.aws.store import KeyRing, spooled
+from mailflow.aws.ledger import Busy, Claimed, DeliveryKey, Status, history_entry
 from mailflow.backoff import retry_delay_s
 from mailflow.config import Settings
 from mailflow.errors import LeaseLostError, ObjectMissingError, TooLargeError, TransientError
@@ -30,6 +29,7 @@ from mailflow.mail.notification import MailRef
 from mailflow.mail.summary import MailSummary, summarize
 from mailflow.metrics import emf
 from mailflow.outcome import Outcome, ProcessResult, Verdict, classify
+from mailflow.ports import LedgerPort, MailStorePort
 from mailflow.processors.exec import Processor, ProcessRequest
 from mailflow.routing import DeliveryPlan, Unroutable, plan_delivery
 
@@ -127,20 +127,18 @@ class Deliverer:
     def __init__(
         self,
         settings: Settings,
-        ledger: Ledger,
-        s3: Any,
+        ledger: LedgerPort,
+        store: MailStorePort,
         processor: Processor,
         *,
         worker_id: str,
         spool_dir: Path,
         shutting_down: Callable[[], bool] = lambda: False,
         clock: Callable[[], float] = time.time,
-        keys: KeyRing | None = None,
     ) -> None:
         self.settings = settings
-        self.keys = keys
         self.ledger = ledger
-        self.s3 = s3
+        self.store = store
         self.processor = processor
         self.worker_id = worker_id
         self.spool_dir = spool_dir
@@ -314,13 +312,11 @@ class Deliverer:
         size_bytes: int | None = None
         result: ProcessResult | None = None
         try:
-            async with spooled(
-                self.s3,
+            async with self.store.spooled(
                 ref.bucket,
                 ref.key,
                 spool_dir=self.spool_dir,
                 max_bytes=self.settings.max_mail_bytes,
-                keys=self.keys,
                 mail_id=ref.mail_id,
             ) as mail:
                 size_bytes = mail.size_bytes

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import structlog
 
-from mailflow.aws.keyslots import Hold, KeySlots
-from mailflow.aws.ledger import DeliveryKey, Ledger
+from mailflow.aws.keyslots import Hold
+from mailflow.aws.ledger import DeliveryKey
 from mailflow.mail.notification import MailRef
+from mailflow.ports import KeySlotsPort, LedgerPort
 from mailflow.routing import DeliveryPlan
 from mailflow.worker.delivery import Deliverer
 
@@ -27,7 +28,7 @@ log = structlog.get_logger("mailflow.worker.holds")
 class HoldBook:
     """The holds in force, as of the last refresh."""
 
-    def __init__(self, slots: KeySlots, ledger: Ledger) -> None:
+    def __init__(self, slots: KeySlotsPort, ledger: LedgerPort) -> None:
         self._slots = slots
         self._ledger = ledger
         self._holds: list[Hold] = []

@@ -30,7 +30,7 @@ from mailflow.aws import AwsClients, requests_sent
 from mailflow.aws.keyslots import KeySlots, SlotRef
 from mailflow.aws.ledger import DeliveryKey, Ledger
 from mailflow.aws.queue import BATCH, Message, Queue
-from mailflow.aws.store import KeyRing, make_spool_dir
+from mailflow.aws.store import KeyRing, S3Store, make_spool_dir
 from mailflow.config import Settings
 from mailflow.errors import BadNotificationError, MailflowError, TransientError
 from mailflow.exitcodes import EXIT_DRAIN_TIMEOUT, EXIT_OK
@@ -40,6 +40,7 @@ from mailflow.mail.notification import (
     check_trusted,
     parse_body,
 )
+from mailflow.ports import Backend, KeySlotsPort, LedgerPort, MailStorePort, QueuePort
 from mailflow.processors.exec import ExecProcessor, Processor
 from mailflow.routing import DeliveryPlan, Unroutable
 from mailflow.signals import stop_signals
@@ -103,6 +104,12 @@ class HeldMessage:
     tasks: dict[DeliveryKey, asyncio.Task[Any]] = field(default_factory=dict)
 
 
+def _aws(clients: AwsClients | None) -> AwsClients:
+    if clients is None:  # the constructor refuses a worker with neither
+        raise RuntimeError("no AWS clients")
+    return clients
+
+
 class Worker:
     """The long-running worker: receives SQS messages, runs each mail's deliveries with bounded
     concurrency, and settles each message once all its deliveries are done or deferred.
@@ -118,23 +125,34 @@ class Worker:
     def __init__(
         self,
         settings: Settings,
-        clients: AwsClients,
+        clients: AwsClients | None,
         processor: Processor | None = None,
         *,
         worker_id: str | None = None,
         clock: Callable[[], float] = time.time,
+        backend: Backend | None = None,
     ) -> None:
+        """On AWS through `clients`, or on any other `backend` (the in-memory fakes)."""
+        if (clients is None) == (backend is None):
+            raise ValueError("Worker needs either AWS clients or a backend")
         self.settings = settings
         self.clients = clients
+        self._backend = backend
         self.processor = processor or make_processor(settings)
         self.worker_id = worker_id or new_worker_id()
         self._clock = clock
         self.stop = asyncio.Event()
         self.hurry = asyncio.Event()
-        self.ledger = Ledger(clients.dynamodb, settings.table, clock=clock)
-        self.keyslots = KeySlots(clients.dynamodb, settings.table, clock=clock)
+        self.ledger: LedgerPort
+        self.keyslots: KeySlotsPort
+        if backend is not None:
+            self.ledger, self.keyslots = backend.ledger, backend.keyslots
+        else:
+            ddb = _aws(clients).dynamodb
+            self.ledger = Ledger(ddb, settings.table, clock=clock)
+            self.keyslots = KeySlots(ddb, settings.table, clock=clock)
         self.holds = HoldBook(self.keyslots, self.ledger)
-        self.queue: Queue | None = None
+        self.queue: QueuePort | None = backend.queue if backend else None
         self._held: dict[str, HeldMessage] = {}  # by receipt handle
         self._room = asyncio.Condition()
         self._run_slots = asyncio.Semaphore(settings.concurrency)
@@ -159,7 +177,7 @@ class Worker:
         }
 
     @property
-    def _queue(self) -> Queue:
+    def _queue(self) -> QueuePort:
         if self.queue is None:
             raise RuntimeError("Worker.run() resolves the queue first")
         return self.queue
@@ -184,18 +202,23 @@ class Worker:
             return await self._run()
 
     async def _run(self) -> int:
-        self.queue = await Queue.resolve(self.clients.sqs, self.settings.queue, self.settings.dlq)
+        store: MailStorePort
+        if self._backend is not None:
+            self.queue, store = self._backend.queue, self._backend.store
+        else:
+            clients = _aws(self.clients)
+            self.queue = await Queue.resolve(clients.sqs, self.settings.queue, self.settings.dlq)
+            store = S3Store(clients.s3, KeyRing(clients.kms_in, self.settings.kms_key))
         spool_dir = make_spool_dir(self.settings.spool_dir)
         self.deliverer = Deliverer(
             self.settings,
             self.ledger,
-            self.clients.s3,
+            store,
             self.processor,
             worker_id=self.worker_id,
             spool_dir=spool_dir,
             shutting_down=self.stop.is_set,
             clock=self._clock,
-            keys=KeyRing(self.clients.kms_in, self.settings.kms_key),
         )
         log.info(
             "worker_started",
