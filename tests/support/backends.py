@@ -33,6 +33,8 @@ from mailflow.testing import FakeLedger, FakeQueue, FakeStore, ManualClock
 
 #: The redrive policy's maxReceiveCount on every backend.
 MAX_RECEIVE_COUNT = 2
+#: The fakes' empty long polls last this fraction of their wait (a server's take the whole).
+POLL_TIME_SCALE = 0.05
 
 
 @dataclass
@@ -61,8 +63,14 @@ class ContractBackend:
 async def fake() -> AsyncIterator[ContractBackend]:
     """The in-memory fakes of mailflow.testing, all on one manual clock."""
     clock = ManualClock()
-    dlq = FakeQueue("contract-dlq", clock=clock)
-    queue = FakeQueue("contract", clock=clock, dlq=dlq, max_receive_count=MAX_RECEIVE_COUNT)
+    dlq = FakeQueue("contract-dlq", clock=clock, poll_time_scale=POLL_TIME_SCALE)
+    queue = FakeQueue(
+        "contract",
+        clock=clock,
+        dlq=dlq,
+        max_receive_count=MAX_RECEIVE_COUNT,
+        poll_time_scale=POLL_TIME_SCALE,
+    )
     store = FakeStore(clock)
 
     async def put(key: str, data: bytes) -> None:
@@ -146,10 +154,12 @@ async def _redrive(clients: AwsClients, queue: Queue, max_receive_count: int) ->
 
 Opener = Callable[[], contextlib.AbstractAsyncContextManager[ContractBackend]]
 
-#: name → (opener, the session fixture that starts its server and points AWS_* at it).
+#: name → (opener, the session fixture of its server: a URL for every service, or a dict of
+#: per-service endpoint variables; None for the fakes).
 BACKENDS: dict[str, tuple[Opener, str | None]] = {
     "fake": (fake, None),
     "moto": (aws_api, "moto_url"),
+    "localstack+dynalite": (aws_api, "aws_like_endpoints"),
 }
 
 
