@@ -433,7 +433,7 @@ class Worker:
                 return self._defer_busy_key(msg, plan)
             await self._park(held)
         try:
-            async with self._gate.slot(*gate):
+            async with self._gate.slot(*gate, order=ref.received_at_s):
                 self._unpark(held)
                 return await self._run_delivery(msg, ref, recipient, plan, held)
         finally:
