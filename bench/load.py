@@ -51,6 +51,9 @@ ORDER_MAIL = (
 ).encode()
 
 
+_clients = threading.local()
+
+
 @dataclass
 class Phase:
     """Fresh resources for one phase, and the settings a worker for it runs with."""
@@ -69,7 +72,7 @@ class Phase:
             queue=uid,
             table=uid,
             routes=(route,),
-            heartbeat_file=tmp / f"{uid}.heartbeat",
+            health_file=tmp / f"{uid}.health",
             spool_dir=tmp / "spool",
             log_format="json",
             **overrides,
@@ -91,7 +94,7 @@ class Phase:
             "MAILFLOW_VISIBILITY_TIMEOUT_S": str(s.visibility_timeout_s),
             "MAILFLOW_LEASE_S": str(s.lease_s),
             "MAILFLOW_WAIT_TIME_S": str(s.wait_time_s),
-            "MAILFLOW_HEARTBEAT_FILE": str(s.heartbeat_file),
+            "MAILFLOW_HEALTH_FILE": str(s.health_file),
             "MAILFLOW_SPOOL_DIR": str(s.spool_dir),
             "MAILFLOW_LOG_FORMAT": "json",
             "MAILFLOW_SHUTDOWN_GRACE_S": "30",
@@ -100,17 +103,29 @@ class Phase:
         return env | extra
 
     def put_mail(self, raw: bytes) -> str:
-        key = f"{self.settings.incoming_prefix}shared-{uuid.uuid4().hex[:8]}"
+        """Store a template mail; body() copies it to each mail's own key."""
+        key = f"template/{uuid.uuid4().hex[:8]}"
         boto3.client("s3").put_object(Bucket=self.settings.bucket, Key=key, Body=raw)
         return key
 
-    def body(self, key: str, recipient: str) -> tuple[str, str]:
-        """(mail id, SQS body): the SES notification in its SNS envelope, as SNS delivers it."""
+    def _s3(self) -> Any:
+        if not hasattr(_clients, "s3"):  # boto3 clients are not shared between threads
+            _clients.s3 = boto3.client("s3")
+        return _clients.s3
+
+    def body(self, template: str, recipient: str) -> tuple[str, str]:
+        """(mail id, SQS body): the mail stored where SES stores it (`<prefix><messageId>`, a
+        server-side copy of `template`), and its notification in the SNS envelope."""
         mail_id = uuid.uuid4().hex
+        key = f"{self.settings.incoming_prefix}{mail_id}"
+        bucket = self.settings.bucket
+        self._s3().copy_object(
+            Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": template}
+        )
         now = datetime.now(UTC)
         note = received_notification(
             mail_id=mail_id,
-            bucket=self.settings.bucket,
+            bucket=bucket,
             key=key,
             prefix=self.settings.incoming_prefix,
             topic_arn=self.topic_arn,
