@@ -890,7 +890,7 @@ def run_chaos(cfg: ChaosConfig) -> ChaosReport:
     }
     os.environ.update(
         AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",  # noqa: S106 - moto's dummy credentials
+        AWS_SECRET_ACCESS_KEY="testing",
         AWS_DEFAULT_REGION="us-east-1",
     )
     moto, moto_url = start_moto(workdir)

@@ -102,7 +102,7 @@ def test_status_counts_states_oldest_unfinished_and_queue_depth(env: Env) -> Non
             await ledger.claim(
                 DeliveryKey("m-unfinished", "ok-003@orders.example.com"),
                 worker="w",
-                token="t",  # noqa: S106 - a lease token, not a secret
+                token="t",
                 lease_s=600,
                 meta={"received_at": time.time() - 120},
             )

@@ -1,4 +1,7 @@
-"""The reconciler against the moto server: archive moves, re-enqueue, orphans, races."""
+"""The reconciler against the moto server: archive moves, orphans, races, the CLI.
+
+The re-enqueue logic (stuck and overdue work, objects gone) runs on the in-memory fakes in
+tests/unit/test_reconcile_logic.py, with the archive race once more."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from datetime import UTC, datetime
 import pytest
 
 from mailflow.aws import AwsClients, open_clients
-from mailflow.aws.ledger import DeliveryKey, Ledger, Status
+from mailflow.aws.ledger import Ledger, Status
 from mailflow.aws.queue import Queue
 from mailflow.dev.ses import new_message_id, ses_headers
 from mailflow.ops.reconcile import PassReport, ReconcileOptions, Reconciler
@@ -279,81 +282,6 @@ def test_the_orphan_scan_goes_on_where_the_last_pass_stopped(
     assert asyncio.run(scenario()) == [orphans[0:2], orphans[2:4], orphans[4:5]]
 
 
-async def stuck(env: Env, clients: AwsClients, recipient: str) -> tuple[str, DeliveryKey]:
-    """A mail whose SQS message is gone and whose delivery a dead worker claimed."""
-    mail_id = await env.send(clients, SIMPLE_MAIL, [recipient])
-    for msg in env.drain_queue():
-        env.boto("sqs").delete_message(QueueUrl=env.queue_url(), ReceiptHandle=msg["ReceiptHandle"])
-    key = DeliveryKey(mail_id, recipient)
-    meta = {
-        "bucket": env.settings.bucket,
-        "key": f"incoming/{mail_id}",
-        "sender": "shop@example.com",
-        "created_at": time.time(),
-    }
-    ledger = Ledger(clients.dynamodb, env.settings.table)
-    await ledger.claim(
-        key,
-        worker="dead-worker",
-        token="t0",  # noqa: S106 - a lease token, not a secret
-        lease_s=0.05,
-        meta=meta,
-    )
-    return mail_id, key
-
-
-def test_stuck_processing_and_overdue_retry_are_requeued_once_and_completed(env: Env) -> None:
-    async def scenario() -> None:
-        async with open_clients() as clients:
-            ledger = Ledger(clients.dynamodb, env.settings.table)
-            processing_id, _ = await stuck(env, clients, "ok-021@orders.example.com")
-            retrying_id, key = await stuck(env, clients, "ok-022@orders.example.com")
-            await ledger.finish(
-                key,
-                "t0",
-                Status.RETRYING,
-                {"next_attempt_at": time.time(), "reason": "tempfail_exit_75"},
-                {"attempt": 1, "status": "retrying"},
-            )
-            await asyncio.sleep(0.1)
-            reports = await asyncio.gather(reconcile(env, clients), reconcile(env, clients))
-            requeued = [a for r in reports for a in r.actions if a.what == "requeued"]
-            assert sorted((a.mail_id, a.result) for a in requeued if a.result == "done") == sorted(
-                [(processing_id, "done"), (retrying_id, "done")]
-            )
-            assert env.queue_counts()["visible"] == 2
-            # The next pass leaves them alone: requeued recently.
-            assert (await reconcile(env, clients)).counts()["requeued"] == 0
-            await run_worker_until(
-                env.settings, clients, all_terminal(env, [processing_id, retrying_id])
-            )
-            for mail_id in (processing_id, retrying_id):
-                (rec,) = await env.records(clients, mail_id)
-                assert (rec["status"], rec["attempts"], rec["requeue_count"]) == ("succeeded", 2, 1)
-
-    asyncio.run(scenario())
-    assert len(env.starts()) == 2  # the dead worker never ran anything
-
-
-def test_stuck_delivery_whose_object_is_gone_fails_object_missing(env: Env) -> None:
-    async def scenario() -> None:
-        async with open_clients() as clients:
-            mail_id, _ = await stuck(env, clients, "ok-031@orders.example.com")
-            env.boto("s3").delete_object(Bucket=env.settings.bucket, Key=f"incoming/{mail_id}")
-            await asyncio.sleep(0.1)
-            report = await reconcile(env, clients)
-            (action,) = [a for a in report.actions if a.phase == "requeue"]
-            assert (action.what, action.result) == ("object_missing", "done")
-            (rec,) = await env.records(clients, mail_id)
-            assert (rec["status"], rec["reason"]) == ("archived", "object_missing")
-            assert rec["archive_note"] == "object_missing"
-            assert rec["outcome"] == "failed"
-            assert rec["history"][-1]["reason"] == "object_missing"
-            assert env.queue_counts()["visible"] == 0
-
-    asyncio.run(scenario())
-
-
 def test_archive_bucket_and_per_pass_limit(env: Env) -> None:
     settings = env.with_settings(archive_bucket=f"{env.settings.bucket}-archive")
     env.boto("s3").create_bucket(Bucket=settings.archive_bucket)
@@ -381,55 +309,3 @@ def test_archive_bucket_and_per_pass_limit(env: Env) -> None:
 
 
 # --- pure parts -------------------------------------------------------------------------------
-
-
-def test_not_ready_waits_for_every_recipient_and_the_grace() -> None:
-    from mailflow.ops.archive import not_ready  # noqa: PLC0415
-
-    done = {"mail_id": "m", "recipient": "a@x", "status": "succeeded", "finished_at": 100.0}
-    assert not_ready([done], now=200, grace_s=60) is None
-    assert "grace" in (not_ready([done], now=120, grace_s=60) or "")
-    open_ = {"mail_id": "m", "recipient": "b@x", "status": "retrying"}
-    assert "still open" in (not_ready([done, open_], now=200, grace_s=0) or "")
-    envelope = done | {"recipients": ["a@x", "b@x"]}  # when the worker records the envelope
-    assert "no delivery yet for b@x" in (not_ready([envelope], now=200, grace_s=0) or "")
-    assert not_ready([done | {"status": "archived"}], now=200, grace_s=0) == "already archived"
-    # the envelope is stored once per mail (on the first recipient's delivery); every
-    # delivery knows how many there are, so a missing one is seen whichever exist yet
-    counted = done | {"recipient_count": 3}
-    other = counted | {"recipient": "c@x"}
-    assert "1 of 3" in (not_ready([counted, other], now=200, grace_s=0) or "")
-    assert not_ready([counted, other, counted | {"recipient": "b@x"}], now=200, grace_s=0) is None
-
-
-def test_orphan_envelope_and_requeue_body_keep_ses_verdicts() -> None:
-    from mailflow.aws.store import Location  # noqa: PLC0415
-    from mailflow.mail.notification import parse_body  # noqa: PLC0415
-    from mailflow.ops.reconcile import orphan_envelope, requeue_body  # noqa: PLC0415
-
-    head = ses_headers(
-        "m1",
-        "bounce@shop.example",
-        ["ok-001@orders.example.com"],
-        datetime.now(UTC),
-        verdict="FAIL",
-    )
-    forged = head + b"X-SES-Virus-Verdict: PASS\r\n"  # a sender's own header comes later
-    sender, verdicts = orphan_envelope(forged)
-    assert (sender, verdicts) == ("bounce@shop.example", {"spam": "FAIL", "virus": "FAIL"})
-    ref = parse_body(
-        requeue_body(
-            mail_id="m1",
-            where=Location("b", "incoming/m1"),
-            recipients=["ok-001@orders.example.com"],
-            sender=sender,
-            received_at_s=1.5,
-            reason="reconcile_orphan",
-            verdicts=verdicts,
-        )
-    )
-    assert (ref.synthetic, ref.verdicts["virus"], ref.key) == (
-        "reconcile_orphan",
-        "FAIL",
-        "incoming/m1",
-    )

@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailflow.aws import AwsClients, open_clients
+from mailflow.aws.keyslots import KeySlots
 from mailflow.aws.ledger import Ledger
 from mailflow.aws.queue import Queue
 from mailflow.aws.store import S3Store
 from mailflow.config import Settings
 from mailflow.dev.provision import provision
 from mailflow.ports import LedgerPort, MailStorePort, QueuePort
-from mailflow.testing import FakeLedger, FakeQueue, FakeStore, ManualClock
+from mailflow.testing import FakeKeySlots, FakeLedger, FakeQueue, FakeStore, ManualClock
 
 #: The redrive policy's maxReceiveCount on every backend.
 MAX_RECEIVE_COUNT = 2
@@ -46,6 +47,7 @@ class ContractBackend:
     ledger: LedgerPort
     queue: QueuePort
     store: MailStorePort
+    keyslots: Any  # KeySlotsPort, plus the operator's put_hold / delete_hold
     bucket: str
     put: Callable[[str, bytes], Awaitable[None]]
     counts: Callable[[], Awaitable[dict[str, int]]]
@@ -88,6 +90,7 @@ async def fake() -> AsyncIterator[ContractBackend]:
         ledger=FakeLedger(clock),
         queue=queue,
         store=store,
+        keyslots=FakeKeySlots(clock),
         bucket="contract",
         put=put,
         counts=counts,
@@ -136,6 +139,7 @@ async def aws_api() -> AsyncIterator[ContractBackend]:
             ledger=Ledger(clients.dynamodb, settings.table, clock=clock),
             queue=queue,
             store=S3Store(clients.s3),
+            keyslots=KeySlots(clients.dynamodb, settings.table, clock=clock),
             bucket=settings.bucket,
             put=put,
             counts=counts,
