@@ -1,0 +1,60 @@
+"""`max_in_flight_per_key` across several workers and operator holds, on the in-memory fakes.
+
+The same properties run with three worker processes on real backends in
+tests/e2e/test_keyslots.py; here they run in milliseconds with many more mails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from mailflow.testing import behave_route
+from support.fakes import SIMPLE_MAIL, make_world
+
+
+def test_three_workers_share_one_limit_and_other_stores_flow(tmp_path) -> None:
+    world = make_world(tmp_path, concurrency=2, routes=(behave_route(max_in_flight_per_key=1),))
+    world.processor.slow_s = 0.02
+
+    async def scenario() -> tuple[list[str], list[str], list]:
+        flood = [await world.send(SIMPLE_MAIL, ["slow-001@orders.example.com"]) for _ in range(30)]
+        others = [
+            await world.send(SIMPLE_MAIL, [f"ok-{s:03d}@orders.example.com"]) for s in range(2, 7)
+        ]
+        workers = await world.run_until(world.settled(flood + others), workers=3, timeout_s=30)
+        return flood, others, workers
+
+    flood, others, workers = asyncio.run(scenario())
+    runs = world.processor.runs
+    assert world.processor.overlaps == 0  # without the table's slots: one run per worker
+    assert sorted(r.env["MAILFLOW_MAIL_ID"] for r in runs) == sorted(flood + others)  # each ran once
+    order = [r.store for r in runs]
+    assert max(order.index(f"{s:03d}") for s in range(2, 7)) < len(order) - 10
+    assert sum(w.stats["key_slot_busy"] for w in workers) > 0  # the workers did contend
+    assert world.dlq.messages() == []
+    assert all(s.token is None or s.until_s < world.clock() for s in _slots(world))
+
+
+def test_a_held_store_goes_to_the_hold_queue_and_others_run(tmp_path) -> None:
+    world = make_world(tmp_path, routes=(behave_route(max_in_flight_per_key=1),))
+
+    async def scenario() -> tuple[list[str], str]:
+        await world.backend.keyslots.put_hold("behave", "001", by="test")
+        held = [await world.send(SIMPLE_MAIL, ["ok-001@orders.example.com"]) for _ in range(3)]
+        other = await world.send(SIMPLE_MAIL, ["ok-002@orders.example.com"])
+        (worker,) = await world.run_until(world.settled([other]), timeout_s=10)
+        assert worker.stats["held"] == 3
+        return held, other
+
+    held, other = asyncio.run(scenario())
+    assert [r.env["MAILFLOW_MAIL_ID"] for r in world.processor.runs] == [other]
+    assert world.queue.counts() == {"visible": 0, "in_flight": 0}  # out of SQS, in the table
+    records = [asyncio.run(world.records(m))[0] for m in held]
+    assert {(r["status"], r["attn"], r["hold"]) for r in records} == {
+        ("received", "held", "behave#001")
+    }
+    assert world.dlq.messages() == []
+
+
+def _slots(world) -> list:
+    return list(getattr(world.backend.keyslots, "slots", {}).values())
