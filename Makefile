@@ -85,7 +85,7 @@ chaos: $(STAMP)
 	$(BIN)/python tests/chaos/run.py --deliveries 300 --workers 2 --kills 4
 
 ## bench: throughput / CPU / latency / RSS against a naive consumer, same run, same backend
-bench: $(STAMP)
+bench: $(STAMP) backends
 	$(BIN)/python bench/run.py
 
 clean:

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import cost
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 
@@ -153,8 +155,9 @@ def markdown(res: dict[str, Any]) -> str:
         ("loop_lag_max_ms", "event-loop lag max (ms)"),
         ("canary_lag_p99_ms", "control canary's lag p99 (ms, machine noise)"),
         ("vm_hwm_mb", "peak RSS (MB)"),
-        ("backend_cpu_ms_per_delivery", "moto CPU per delivery (ms)"),
-        ("backend_ceiling_per_s", "moto's ceiling at that cost, one core (/s)"),
+        ("processor_cpu_ms_per_delivery", "processor CPU per delivery (ms, reaped children)"),
+        ("backend_cpu_ms_per_delivery", "backend CPU per delivery (ms, all its processes)"),
+        ("backend_ceiling_per_s", "busiest backend process's ceiling, one core (/s)"),
         ("aws_calls_per_delivery_total", "AWS calls per delivery"),
     ]
     lines += ["", "| | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
@@ -184,6 +187,16 @@ def markdown(res: dict[str, Any]) -> str:
                 f" Workers: {json.dumps(f['worker_stats'])}."
             ),
         ]
+    for c in cols:
+        by_process = res[c].get("backend_cpu_ms_per_delivery_by_process")
+        if by_process:
+            lines.append(
+                f"\nBackend CPU per {c} delivery: "
+                + ", ".join(f"{name} {ms:.2f} ms" for name, ms in by_process.items())
+                + f"; requests per delivery: {json.dumps(res[c].get('aws_calls_per_delivery'))}."
+            )
+    if res.get("cost"):
+        lines += cost.markdown(res["cost"])
     if res.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(res["skipped"])]
     return "\n".join(lines) + "\n"

@@ -46,6 +46,7 @@ from typing import Any
 import boto3
 
 import backend
+import cost
 from analysis import analyse, machine, read_sizes, read_times, stamps_of
 from load import (
     BENCH,
@@ -134,6 +135,11 @@ def run_throughput(
         canary_file,
     )
     result["vm_hwm_mb"] = round(hwm_kib / 1024, 1)
+    items = sorted(cost.table_items(phase.settings.table), key=cost.item_bytes)
+    if items:
+        sizes = [cost.item_bytes(i) for i in items]
+        result["item_bytes"] = {"p50": sizes[len(sizes) // 2], "max": sizes[-1]}
+        result["item_bytes_by_attribute"] = cost.attribute_bytes(items[-1])
     stopped = next(
         (e for e in consumer.events if e.get("event") in {"worker_stopped", "naive_stopped"}), {}
     )
@@ -316,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--backend",
         choices=backend.KINDS,
-        default="moto",
+        default="emulators",
         help="emulators: DynamoDB on dynalite, S3/SQS/SNS on LocalStack (make backends); moto",
     )
     parser.add_argument("--skip", default="", help="comma list: naive,worker,fastcgi,rss,fairness")
@@ -382,6 +388,8 @@ def main(argv: list[str] | None = None) -> int:
                 res["fairness"] = run_fairness(args, tmp)
     finally:
         aws.stop()
+    if res.get("worker"):
+        res["cost"] = cost.per_million(res["worker"])
     res["targets"] = verdicts(res)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latest.json").write_text(json.dumps(res, indent=2, ensure_ascii=False) + "\n")
