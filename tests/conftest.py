@@ -20,8 +20,10 @@ depends on an async pytest plugin. Shared helpers are imported from tests/suppor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,9 +34,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # `support` and `chaos`, from an
 
 from mailflow.config import Settings
 from mailflow.dev.backend_process import BackendNotInstalledError
-from mailflow.dev.dynalite import Dynalite
-from mailflow.dev.localstack import LocalStack
 from mailflow.dev.motoserver import MotoServer
+from mailflow.dev.second_backend import second_backend
 from support.harness import (
     SERVICE_ENDPOINT_VARS,
     Env,
@@ -76,47 +77,24 @@ def moto_url() -> Iterator[str]:
         yield server.url
 
 
-def _require_backends(exc: BackendNotInstalledError) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"the second backend is required in CI: {exc}")
-    pytest.skip(str(exc))
-
-
 @pytest.fixture(scope="session")
 def aws_like_endpoints(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """LocalStack + dynalite, started once per session: {endpoint variable: URL}."""
-    logs = tmp_path_factory.mktemp("backends")
-    try:
-        dynalite = Dynalite(log_path=logs / "dynalite.log").start()
-    except BackendNotInstalledError as exc:
-        _require_backends(exc)
-        raise
-    try:
-        localstack = LocalStack(log_path=logs / "localstack.log").start()
-    except BaseException as exc:
-        dynalite.stop()
-        if isinstance(exc, BackendNotInstalledError):
-            _require_backends(exc)
-        raise
-    sys.stderr.write(
-        f"\nsecond backend: localstack up in {localstack.start_s:.1f}s,"
-        f" dynalite in {dynalite.start_s:.1f}s\n",
-    )
-    with pytest.MonkeyPatch.context() as mp:
+    started = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        try:
+            endpoints = stack.enter_context(second_backend(tmp_path_factory.mktemp("backends")))
+        except BackendNotInstalledError as exc:
+            if os.environ.get("CI"):
+                pytest.fail(f"the second backend is required in CI: {exc}")
+            pytest.skip(str(exc))
+        sys.stderr.write(f"\nsecond backend up in {time.monotonic() - started:.1f}s\n")
+        mp = stack.enter_context(pytest.MonkeyPatch.context())
         mp.setenv("AWS_ACCESS_KEY_ID", "testing")
         mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
         mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
         mp.delenv("AWS_PROFILE", raising=False)
-        try:
-            yield {
-                "AWS_ENDPOINT_URL_S3": localstack.url,
-                "AWS_ENDPOINT_URL_SQS": localstack.url,
-                "AWS_ENDPOINT_URL_SNS": localstack.url,
-                "AWS_ENDPOINT_URL_DYNAMODB": dynalite.url,
-            }
-        finally:
-            localstack.stop()
-            dynalite.stop()
+        yield endpoints
 
 
 @pytest.fixture

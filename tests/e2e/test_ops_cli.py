@@ -242,7 +242,7 @@ def test_redrive_moves_dlq_messages_back(env: Env, backend: str) -> None:
     async def notification_in_dlq() -> str:
         async with open_clients() as clients:
             mail_id = await env.send(clients, SIMPLE_MAIL, ["ok-009@orders.example.com"])
-        (msg,) = env.drain_queue()
+        (msg,) = env.drain_queue(wait_s=1)  # SNS to SQS is asynchronous on LocalStack
         sqs = env.boto("sqs")
         sqs.send_message(
             QueueUrl=env.queue_url(dlq=True),

@@ -17,8 +17,9 @@ from mailflow.aws import AwsClients, open_clients
 from mailflow.dev.backend_process import BackendNotInstalledError
 from mailflow.dev.dynalite import Dynalite
 from mailflow.dev.ses import received_notification
+from mailflow.routing import delivery_id
 from mailflow.worker.loop import Worker
-from support.harness import Env, run_worker_until
+from support.harness import SIMPLE_MAIL, Env, all_terminal, run_worker_until
 
 
 def test_dynalite_refuses_what_dynamodb_refuses(aws_like_endpoints: dict[str, str]) -> None:
@@ -90,3 +91,36 @@ def test_a_control_character_reaches_localstacks_dlq_with_its_reason(env: Env) -
     assert attrs["mailflow_reason"] == "bad_mail_id"
     assert attrs["mailflow_detail"] == "a\\x01b\\x1b[31m"
     assert worker.stats["dead_lettered"] == 1
+
+
+@pytest.mark.php
+@pytest.mark.parametrize("backend", ["localstack+dynalite"])
+def test_three_copies_of_one_notification_run_once_on_dynalite(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Duplicates meet a held lease: the claim's failed condition must say whose it is.
+    dynalite sends no item back (no ReturnValuesOnConditionCheckFailure); the ledger reads it
+    (before, the copies were deferred as `unknown` until the redrive limit)."""
+
+    async def scenario() -> str:
+        async with open_clients() as clients:
+            mail_id = await env.send(clients, SIMPLE_MAIL, ["slow-001@orders.example.com"])
+            (msg,) = env.drain_queue(wait_s=1)  # SNS to SQS is asynchronous on LocalStack
+            env.boto("sqs").change_message_visibility(
+                QueueUrl=env.queue_url(), ReceiptHandle=msg["ReceiptHandle"], VisibilityTimeout=0
+            )
+            env.publish_raw(msg["Body"])
+            env.publish_raw(json.loads(msg["Body"])["Message"])  # raw-delivery shape too
+            monkeypatch.setenv("SLOW_S", "1")
+
+            async def settled(c: AwsClients) -> bool:
+                return await all_terminal(env, [mail_id])(c) and env.queue_counts() == {
+                    "visible": 0,
+                    "in_flight": 0,
+                }
+
+            await run_worker_until(env.settings, clients, settled, timeout_s=40)
+            return mail_id
+
+    mail_id = asyncio.run(scenario())
+    assert len(env.starts(delivery_id(mail_id, "slow-001@orders.example.com"))) == 1
