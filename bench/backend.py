@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -100,34 +98,15 @@ def start(kind: str, logs: Path) -> Backend:
 
 
 def _moto() -> Backend:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mailflow.dev.motoserver", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=REPO,
-    )
+    from mailflow.dev.motoserver import spawn as spawn_moto  # noqa: PLC0415
 
-    def stop() -> None:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-    assert proc.stdout is not None
-    line = proc.stdout.readline().strip()
-    if not line.startswith("MOTO_URL="):
-        stop()
-        raise RuntimeError(f"moto server did not start: {line!r}")
+    server = spawn_moto()
     return Backend(
         kind="moto",
         name=f"moto {version('moto')} server (own process, loopback HTTP)",
-        env={"AWS_ENDPOINT_URL": line.removeprefix("MOTO_URL=")} | CREDENTIALS,
-        pids={"moto": proc.pid},
-        _stops=[stop],
+        env={"AWS_ENDPOINT_URL": server.url} | CREDENTIALS,
+        pids={"moto": server.pid},
+        _stops=[server.stop],
     )
 
 

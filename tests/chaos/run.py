@@ -60,8 +60,10 @@ from chaos.procs import alive, children_of, kill_tree  # noqa: E402
 from chaos.proxy import FaultPlan, FaultProxy  # noqa: E402
 from mailflow.aws import open_clients  # noqa: E402
 from mailflow.aws.expressions import deserialize  # noqa: E402
-from mailflow.aws.ledger import TERMINAL  # noqa: E402
+from mailflow.aws.keyslots import HOLD_PARTITION, SLOT_PREFIX  # noqa: E402
+from mailflow.aws.ledger import RECONCILE_STATE_KEY, TERMINAL  # noqa: E402
 from mailflow.config import Route, Settings  # noqa: E402
+from mailflow.dev.motoserver import spawn as spawn_moto  # noqa: E402
 from mailflow.dev.provision import provision  # noqa: E402
 from mailflow.dev.ses import new_message_id, received_notification, ses_headers  # noqa: E402
 from mailflow.routing import delivery_id  # noqa: E402
@@ -349,24 +351,8 @@ def _sns_envelope(topic_arn: str, message: str) -> str:
     )
 
 
-def start_moto(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    with (workdir / "moto.log").open("wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mailflow.dev.motoserver"],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            env={**os.environ, "PYTHONPATH": str(REPO / "src")},
-        )
-    assert proc.stdout is not None
-    line = proc.stdout.readline().decode().strip()
-    proc.stdout.close()
-    if not line.startswith("MOTO_URL="):
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"moto server did not start: {line!r}")
-    return proc, line.removeprefix("MOTO_URL=")
+#: Items of the deliveries table that are not deliveries (their partition key prefixes).
+NOT_DELIVERIES = (SLOT_PREFIX, HOLD_PARTITION, RECONCILE_STATE_KEY["mail_id"])
 
 
 class Chaos:
@@ -664,6 +650,8 @@ class Chaos:
             resp = await self.clients.dynamodb.scan(**kwargs)
             for item in resp.get("Items", []):
                 rec = deserialize(item)
+                if str(rec["mail_id"]).startswith(NOT_DELIVERIES):
+                    continue  # key slots, holds, the reconciler's state share the table
                 out[(rec["mail_id"], rec["recipient"])] = rec
             if "LastEvaluatedKey" not in resp:
                 return out
@@ -893,17 +881,17 @@ def run_chaos(cfg: ChaosConfig) -> ChaosReport:
         AWS_SECRET_ACCESS_KEY="testing",
         AWS_DEFAULT_REGION="us-east-1",
     )
-    moto, moto_url = start_moto(workdir)
+    moto = spawn_moto(log_path=workdir / "moto.log")
     plan = FaultPlan(rate=cfg.fault_rate, seed=cfg.seed)
-    proxy = FaultProxy(moto_url, plan).start()
+    proxy = FaultProxy(moto.url, plan).start()
     try:
-        chaos = Chaos(cfg, workdir, moto_url, proxy)
+        chaos = Chaos(cfg, workdir, moto.url, proxy)
         report = asyncio.run(chaos.run())
     finally:
         proxy.stop()
         with contextlib.suppress(ProcessLookupError):
             os.killpg(moto.pid, signal.SIGKILL)
-        moto.wait()
+        moto.proc.wait()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -24,7 +24,6 @@ from typing import Any
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from mailflow import aws
 from mailflow.config import Settings
@@ -51,28 +50,19 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{free_port()}"
 
 
-@pytest.fixture(scope="module")
-def _moto_url():
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture
-def aws_env(_moto_url, monkeypatch):
+def aws_env(moto_url, monkeypatch):
     """botocore's standard variables, pointing at the moto server; nothing else leaks in."""
     for name in list(os.environ):
         if name.startswith(("MAILFLOW_", "AWS_")):
             monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", _moto_url)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
-    return _moto_url
+    return moto_url
 
 
 @dataclass

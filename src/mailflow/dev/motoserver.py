@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Self
 
 from werkzeug.serving import BaseWSGIServer, make_server
@@ -105,6 +109,51 @@ class MotoServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@dataclass
+class MotoProcess:
+    """A moto server in a process of its own (its CPU apart from the caller's): `url`, `pid`."""
+
+    proc: subprocess.Popen[bytes]
+    url: str
+
+    @property
+    def pid(self) -> int:
+        """The server process's id (it leads its own session)."""
+        return self.proc.pid
+
+    def stop(self, timeout_s: float = 10) -> None:
+        """SIGTERM, then SIGKILL if it lingers; always reaped."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def spawn(*, log_path: Path | None = None, port: int = 0) -> MotoProcess:
+    """`python -m mailflow.dev.motoserver` in its own session; returns once it listens.
+    Its stderr goes to `log_path` (discarded without one). The one way to run moto apart from
+    the caller: the chaos run (which kills process groups around it) and the bench use it."""
+    with (log_path or Path(os.devnull)).open("ab") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mailflow.dev.motoserver", "--port", str(port)],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    line = proc.stdout.readline().decode().strip() if proc.stdout is not None else ""
+    if proc.stdout is not None:
+        proc.stdout.close()
+    server = MotoProcess(proc, line.removeprefix("MOTO_URL="))
+    if not line.startswith("MOTO_URL="):
+        server.stop()
+        raise RuntimeError(f"moto server did not start: {line!r}")
+    return server
 
 
 def main(argv: list[str] | None = None) -> int:
