@@ -1,5 +1,8 @@
 """Leases, heartbeat, fencing, duplicates, crash loops, AWS faults, shutdown.
 
+Two scenarios that are logic only (a stale worker's fenced outcome, a duplicate that must not
+run a retry early) run on the in-memory fakes in tests/unit/test_reliability_logic.py.
+
 In-process workers where the test needs to reach inside (a blocked heartbeat, a spy on the
 queue); `mailflow worker` subprocesses where the test needs signals (SIGKILL, SIGTERM).
 """
@@ -497,43 +500,6 @@ def test_taken_over_lease_stops_the_processor_and_fences_its_outcome(
     assert not alive(first_pid)
 
 
-def test_a_stale_worker_cannot_overwrite_the_newer_attempt(env: Env, php: str, monkeypatch) -> None:
-    """A's heartbeat never comes back: its processor finishes, but its outcome write is
-    fenced by the lease token; B's attempt is the one recorded."""
-    settings = env.with_settings(visibility_timeout_s=3, lease_s=3, processor_timeout_s=60)
-    monkeypatch.setenv("SLOW_S", "5")
-    recipient = "slow-003@orders.example.com"
-
-    async def scenario() -> str:
-        async with open_clients() as clients:
-            mail_id = await env.send(clients, SIMPLE_MAIL, [recipient])
-            did = delivery_id(mail_id, recipient)
-            a, b = (
-                Worker(settings, clients, worker_id="A"),
-                Worker(settings, clients, worker_id="B"),
-            )
-            _pause_first_beat_with_a_lease(a, pause_s=None)
-            with structlog.testing.capture_logs() as logs:
-                task_a = asyncio.create_task(a.run())
-                await _wait_for_start(env, did)
-                a._capacity = lambda: 0  # type: ignore[method-assign]  # B is the taker
-                codes = await run_workers_until(
-                    [b], clients, all_terminal(env, [mail_id]), timeout_s=60
-                )
-                a.request_stop()
-                await task_a
-            assert codes == [EXIT_OK]
-            assert any(e["event"] == "lease_lost_at_finish" for e in logs)
-            (rec,) = await env.records(clients, mail_id)
-            assert rec["status"] == "succeeded"
-            assert [h["worker"] for h in rec["history"]] == ["B"]
-            return did
-
-    did = asyncio.run(scenario())
-    assert len(starts(env, did)) == 2  # both ran (A's heartbeat was frozen: the known window)
-    assert len(ends(env, did)) == 2
-
-
 def test_a_worker_that_takes_over_its_own_stalled_run_stops_the_stale_one(
     env: Env, php: str, monkeypatch
 ) -> None:
@@ -658,53 +624,6 @@ def test_a_duplicate_of_a_long_run_never_reaches_the_redrive_limit(env: Env, php
     assert len(starts(env, delivery_id(mail_id, recipient))) == 1
     assert env.drain_queue(dlq=True) == []
     assert sum(w.stats["received"] for w in workers) == 2
-
-
-def test_duplicate_does_not_run_a_retry_early(
-    env: Env,
-    php: str,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # next try in 2..4 s; a short lease, so the copy that loses to the retry is back soon
-    settings = env.with_settings(
-        retry_base_s=4.0, retry_max_s=4.0, visibility_timeout_s=6, lease_s=6
-    )
-    recipient = "flaky-005@orders.example.com"
-    whys: list[str] = []
-    claim = Ledger.claim
-
-    async def spy_claim(self: Ledger, *args: Any, **kwargs: Any) -> Claimed | Busy:
-        result = await claim(self, *args, **kwargs)
-        if isinstance(result, Busy):
-            whys.append(result.why)
-        return result
-
-    monkeypatch.setattr(Ledger, "claim", spy_claim)
-    state: dict[str, Any] = {}
-
-    async def scenario() -> dict[str, Any]:
-        async with open_clients() as clients:
-            mail_id = await env.send(clients, SIMPLE_MAIL, [recipient])
-
-            async def done(c: AwsClients) -> bool:
-                (rec,) = await env.records(c, mail_id) or [{}]
-                if rec.get("status") == "retrying" and "due" not in state:
-                    state["due"] = rec["next_attempt_at"]
-                    env.publish_raw(notification_body(env, mail_id, [recipient]))
-                return await all_terminal(env, [mail_id])(c) and queue_settled(env)
-
-            await run_workers_until([Worker(settings, clients)], clients, done, timeout_s=60)
-            (rec,) = await env.records(clients, mail_id)
-            return rec
-
-    rec = asyncio.run(scenario())
-    assert "not_due" in whys  # the copy arrived while the retry was not yet due
-    assert [h["status"] for h in rec["history"]] == ["retrying", "succeeded"]
-    assert rec["history"][1]["started_at"] >= state["due"]
-    print(
-        f"\nretry due at +{state['due'] - rec['history'][0]['finished_at']:.2f}s,"
-        f" ran at +{rec['history'][1]['started_at'] - rec['history'][0]['finished_at']:.2f}s"
-    )
 
 
 # --- crash loops --------------------------------------------------------------------------------

@@ -168,9 +168,12 @@ class World:
         settings: Settings | None = None,
         timeout_s: float = 10,
         workers: int = 1,
+        worker_ids: tuple[str, ...] = (),
     ) -> list[Worker]:
-        """Run workers until `until` holds; then stop them and wait. Fails on timeout."""
-        running = [self.worker(settings) for _ in range(workers)]
+        """Run workers (named `worker_ids`, else `workers` of them) until `until` holds;
+        then stop them and wait. Fails on timeout."""
+        ids = worker_ids or (None,) * workers
+        running = [self.worker(settings, worker_id=i) for i in ids]
         tasks = [asyncio.create_task(w.run(handle_signals=False)) for w in running]
         deadline = time.monotonic() + timeout_s
         idle_polls = 0
