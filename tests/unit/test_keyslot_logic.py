@@ -59,3 +59,31 @@ def test_a_held_store_goes_to_the_hold_queue_and_others_run(tmp_path) -> None:
 
 def _slots(world) -> list:
     return list(getattr(world.backend.keyslots, "slots", {}).values())
+
+
+def test_a_mail_waiting_for_its_store_when_the_hold_comes_does_not_run(tmp_path) -> None:
+    """It passed the hold check on arrival, then waited behind its store's running mail; the
+    hold placed meanwhile still stops it (checked again once it has its slots)."""
+    world = make_world(tmp_path, heartbeat_s=0.02, routes=(behave_route(max_in_flight_per_key=1),))
+    world.processor.slow_s = 0.3
+    placed: list[bool] = []
+
+    async def scenario() -> tuple[str, str]:
+        running = await world.send(SIMPLE_MAIL, ["slow-001@orders.example.com"])
+        waiting = await world.send(SIMPLE_MAIL, ["ok-001@orders.example.com"])
+
+        async def hold_then_settled() -> bool:
+            if world.processor.running and not placed:
+                await world.backend.keyslots.put_hold("behave", "001", by="test")
+                placed.append(True)
+            records = await world.records(waiting)
+            return bool(placed) and bool(records) and records[0].get("attn") == "held"
+
+        await world.run_until(hold_then_settled, timeout_s=10)
+        return running, waiting
+
+    running, waiting = asyncio.run(scenario())
+    assert [r.mode for r in world.processor.runs] == ["slow"]
+    (record,) = asyncio.run(world.records(waiting))
+    assert (record["status"], record["attn"]) == ("received", "held")
+    assert asyncio.run(world.records(running))[0]["status"] == "succeeded"

@@ -4,7 +4,9 @@ As postfix's `postsuper -h`: held mail moves to a hold queue, here the deliverie
 (`attn = held`, its SQS message deleted), so it waits without a receive count however long the
 hold lasts. `release` lifts the hold and queues every delivery it covered again, in SES
 receipt order. Runs already started when the hold was placed finish; `hold` returns once every
-worker has re-read the holds (one heartbeat interval), so no run starts after that.
+worker has re-read the holds (one heartbeat interval and a margin). A worker checks the holds
+when a message arrives and again once its delivery has its slots, just before the claim, so
+after that only a run that had passed that last check (claim and fetch: milliseconds) starts.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from mailflow.routing import SAFE_VALUE
 
 log = structlog.get_logger("mailflow.ops.holds")
 
+#: `hold` waits one heartbeat interval and this much more before it returns.
+HOLD_SETTLE_MARGIN_S = 2.0
 #: Held deliveries read per pass of `release` (the attention index, oldest first).
 RELEASE_PAGE = 1000
 #: The attention index is eventually consistent: `release` reads it again until a pass
@@ -60,7 +64,9 @@ async def place_hold(
     """Place the hold, then wait until every worker has re-read the holds."""
     slots = KeySlots(clients.dynamodb, settings.table)
     hold = await slots.put_hold(route, key, by=by, note=note)
-    wait_s = settings.heartbeat_interval_s if settle_s is None else settle_s
+    # Workers re-read the holds every heartbeat interval (plus the Query's own time): wait
+    # that, with a margin, so that every worker has seen the hold when this returns.
+    wait_s = settings.heartbeat_interval_s + HOLD_SETTLE_MARGIN_S if settle_s is None else settle_s
     await asyncio.sleep(wait_s)
     log.info("hold_placed", hold=hold.name, by=by)
     return {"hold": _hold_json(hold), "settled_s": wait_s}

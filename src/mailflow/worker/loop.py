@@ -491,6 +491,15 @@ class Worker:
             slot = taken  # and a run slot is ours
         elif not await self._acquire_run_slot():
             return Settlement(defer_until_s=self._clock())  # shutting down before we started
+        if self.holds.covering(plan.route, plan.key) is not None:
+            # Held while it waited for its slots: no run may start after `mailflow hold`.
+            self._run_slots.release()
+            if slot is not None:
+                await self._release_key_slot(slot)
+            if await self.holds.park(self.deliverer, ref, recipient, plan):
+                self.stats["held"] += 1
+                return DONE
+            return Settlement(defer_until_s=self._clock())  # lifted meanwhile: straight back
         admitted = self._clock()
         try:
             held.started = True
