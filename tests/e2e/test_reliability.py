@@ -387,14 +387,16 @@ def test_processor_running_three_visibility_timeouts_runs_once(
     assert sum(w.stats["received"] for w in workers) == 1
 
 
-def test_an_sqs_brownout_does_not_stop_lease_renewal(env: Env, proxy: FaultProxy, php: str) -> None:
+def test_an_sqs_brownout_does_not_stop_lease_renewal(
+    env: Env, proxy: FaultProxy, php: str, monkeypatch
+) -> None:
     """SQS refuses ChangeMessageVisibility for three leases while a delivery runs: the
     message comes back, but the DynamoDB lease is renewed all along, so the copy is deferred
     and the processor runs exactly once (it ran four times when the lease renewal waited for
     the visibility call)."""
     # heartbeat every 1 s (each call's deadline 0.8 s); the brownout lasts 12 s, three leases
     settings = env.with_settings(visibility_timeout_s=4, lease_s=4, processor_timeout_s=30)
-    os.environ["SLOW_S"] = "14"
+    monkeypatch.setenv("SLOW_S", "14")
     recipient = "slow-006@orders.example.com"
 
     async def scenario() -> str:
@@ -590,12 +592,14 @@ def test_in_flight_duplicate_is_deleted_while_its_live_run_holds_the_lease(
     assert sorted(spy.by_message().values()) == [[("delete", None)], [("delete", None)]]
 
 
-def test_a_duplicate_of_a_long_run_never_reaches_the_redrive_limit(env: Env, php: str) -> None:
+def test_a_duplicate_of_a_long_run_never_reaches_the_redrive_limit(
+    env: Env, php: str, monkeypatch
+) -> None:
     """A copy deferred while another message's run holds the lease came back every lease
     period and, during a run longer than maxReceiveCount leases, went to the DLQ without a
     reason (and fired the DLQ alarm) although the work completed."""
     settings = env.with_settings(visibility_timeout_s=3, lease_s=3, processor_timeout_s=30)
-    os.environ["SLOW_S"] = "14"  # over four leases: a deferred copy is received 4+ times
+    monkeypatch.setenv("SLOW_S", "14")  # over four leases: a deferred copy is received 4+ times
     recipient = "slow-009@orders.example.com"
     sqs = env.boto("sqs")
     policy = json.loads(
