@@ -271,6 +271,9 @@ def run_fairness(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     settle = time.monotonic() + 30
     while len(deliveries()) < flood_done_before + 6 and time.monotonic() < settle:
         time.sleep(0.1)
+    for c in consumers:  # all at once: one stopping worker's parked mail goes back to SQS,
+        if c.proc.poll() is None:  # and would otherwise be received again by the others
+            c.proc.send_signal(signal.SIGTERM)
     for c in consumers:
         c.stop()
     stopped = [
