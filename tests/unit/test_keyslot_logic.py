@@ -87,3 +87,25 @@ def test_a_mail_waiting_for_its_store_when_the_hold_comes_does_not_run(tmp_path)
     (record,) = asyncio.run(world.records(waiting))
     assert (record["status"], record["attn"]) == ("received", "held")
     assert asyncio.run(world.records(running))[0]["status"] == "succeeded"
+
+
+def test_a_route_without_a_limit_makes_no_key_slot_or_hold_call_per_delivery(tmp_path) -> None:
+    world = make_world(tmp_path, routes=(behave_route(),))  # a key, but no limit
+    calls: list[str] = []
+    slots = world.backend.keyslots
+    for name in ("take", "renew", "release", "release_all", "hold_exists"):
+        original = getattr(slots, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        setattr(slots, name, counted)
+
+    async def scenario() -> None:
+        mail_ids = [await world.send(SIMPLE_MAIL, ["ok-001@orders.example.com"]) for _ in range(10)]
+        await world.run_until(world.settled(mail_ids), timeout_s=10)
+
+    asyncio.run(scenario())
+    assert len(world.processor.runs) == 10
+    assert calls == []  # only the holds' refresh, once per heartbeat per worker, not per mail
