@@ -32,8 +32,12 @@ from mailflow import aws
 from mailflow.aws import ConditionFailedError
 from mailflow.aws.expressions import deserialize, serialize
 from mailflow.aws.ledger import DeliveryKey
+from mailflow.aws.shapes import TTL_ATTRIBUTE
 
 SLOT_PREFIX = "keyslot#"
+#: An emptied slot item stays (the worker's role has no DeleteItem); the table's TTL removes it
+#: this long after it was last taken. Longer than any run can hold it.
+IDLE_SLOT_TTL_S = 7 * 86400
 HOLD_PARTITION = "hold#"
 ANY = "*"
 
@@ -130,6 +134,8 @@ class KeySlots:
             "slot_mail_id": holder.mail_id,
             "slot_recipient": holder.recipient,
             "slot_taken_at": now,
+            # The table's TTL removes a slot item nobody took for a week: stores come and go.
+            TTL_ATTRIBUTE: int(now + IDLE_SLOT_TTL_S),
         }
         try:
             await aws.call(
@@ -173,8 +179,8 @@ class KeySlots:
     async def release(self, ref: SlotRef) -> None:
         """Free the slot, only if it is still ours (a taken-over slot is left alone)."""
         # A failed condition: expired and taken over, or a retried release that had landed.
-        # The item stays, empty (one per slot of each key that ever ran): the worker's role
-        # has UpdateItem, not DeleteItem.
+        # The item stays, empty, until the table's TTL removes it (IDLE_SLOT_TTL_S): the
+        # worker's role has UpdateItem, not DeleteItem.
         with contextlib.suppress(ConditionFailedError):
             await aws.call(
                 "ddb.release_slot",
