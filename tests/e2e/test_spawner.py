@@ -1,0 +1,71 @@
+"""The spawner helper: processors start in it (real processes), never in the worker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from mailflow.processors import child
+from mailflow.processors.child import Child
+
+
+async def _run(argv: list[str], stdin: Path, env: dict[str, str]) -> tuple[int | None, bytes]:
+    proc = await Child.start(argv, stdin_path=stdin, env=env, cwd=None, read_limit=65536)
+    out = await proc.stdout.read()
+    await proc.exited
+    proc.close()
+    return proc.returncode(), out
+
+
+@pytest.fixture
+def stdin(tmp_path: Path) -> Path:
+    path = tmp_path / "mail"
+    path.write_bytes(b"Subject: x\r\n\r\nbody\r\n")
+    return path
+
+
+def test_a_processor_starts_in_the_helper_with_its_stdin_and_exit_status(stdin: Path) -> None:
+    script = (
+        "import os, sys; data = sys.stdin.buffer.read();"
+        " print(os.getppid(), len(data), os.environ['ONLY']); sys.exit(3)"
+    )
+    code, out = asyncio.run(_run([sys.executable, "-c", script], stdin, {"ONLY": "this"}))
+    parent, size, only = out.split()
+    assert code == 3
+    assert int(size) == stdin.stat().st_size
+    assert only == b"this"
+    assert int(parent) != os.getpid()  # started by the helper, not by us
+
+
+def test_a_start_that_fails_raises_oserror(stdin: Path) -> None:
+    with pytest.raises(OSError, match="No such file"):
+        asyncio.run(_run(["/nonexistent/processor"], stdin, {}))
+
+
+def test_the_helper_has_none_of_the_workers_credentials(
+    stdin: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "never-in-the-helper")
+    monkeypatch.setattr(child, "_spawner", None)  # a fresh helper, started with this env
+
+    async def helper_environ() -> bytes:
+        spawner = await child._spawner_for_now()
+        assert spawner is not None
+        try:
+            return Path(f"/proc/{spawner._helper.pid}/environ").read_bytes()
+        finally:
+            spawner.close()
+
+    try:
+        environ = asyncio.run(helper_environ())
+    except PermissionError:
+        pytest.skip("cannot read another process's environ here")
+    assert b"PATH=" in environ
+    assert b"never-in-the-helper" not in environ
+    assert b"AWS_" not in environ
+    code, _ = asyncio.run(_run([sys.executable, "-c", "pass"], stdin, {}))
+    assert code == 0  # the closed helper was replaced on the next start
