@@ -117,6 +117,8 @@ def kill_tree(pid: int) -> set[int]:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGSTOP)
     kids = set(children_of(pid))
+    for kid in list(kids):  # and theirs: processors started by the worker's spawner helper
+        kids.update(children_of(kid))
     for kid in kids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(kid, signal.SIGKILL)

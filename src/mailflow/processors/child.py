@@ -244,7 +244,6 @@ class Spawner:
                 pass_fds=(theirs.fileno(),),
                 env=env,
                 stdin=subprocess.DEVNULL,
-                start_new_session=True,  # the worker's signals (Ctrl-C) are not its business
             )
         except BaseException:
             ours.close()

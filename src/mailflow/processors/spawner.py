@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -39,6 +40,8 @@ def serve(sock: socket.socket) -> None:
     def send(doc: dict[str, Any]) -> None:
         with lock, contextlib.suppress(OSError):  # the worker is gone: nobody to tell
             sock.send(json.dumps(doc).encode())
+
+    running: dict[int, subprocess.Popen[bytes]] = {}
 
     def start(request: dict[str, Any], fds: list[int]) -> None:
         try:
@@ -61,8 +64,10 @@ def serve(sock: socket.socket) -> None:
                 {"id": request["id"], "error": exc.errno or 0, "message": exc.strerror or str(exc)}
             )
         else:
+            running[popen.pid] = popen
             send({"id": request["id"], "pid": popen.pid})
             send({"id": request["id"], "exit": popen.wait()})
+            running.pop(popen.pid, None)
         finally:
             for fd in fds:
                 with contextlib.suppress(OSError):
@@ -74,9 +79,22 @@ def serve(sock: socket.socket) -> None:
         except OSError:
             return
         if not data:
-            return  # the worker closed its end
+            _kill_groups(list(running))
+            return
         # One thread per child: it starts the child, then waits for it.
         threading.Thread(target=start, args=(json.loads(data), fds), daemon=True).start()
+
+
+def _kill_groups(pids: list[int]) -> None:
+    """The worker is gone (it closes its end only once nothing runs): whatever still runs was
+    started for it, and nobody may keep running on a dead worker's behalf."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def _ignore(_signum: int, _frame: object) -> None:
+    """The worker decides when processors stop; the helper follows its socket."""
 
 
 def main() -> None:
@@ -85,6 +103,11 @@ def main() -> None:
     # concurrent starts would queue behind the slowest exec. This process is small (a few
     # MB), so copying its page tables costs less than that wait.
     subprocess._USE_VFORK = False  # type: ignore[misc]  # noqa: SLF001
+    # The helper shares the worker's process group, so a signal to the group (Ctrl-C, a
+    # container stop) reaches it too: it outlives the worker only until the socket closes,
+    # then kills what is left. Handlers, not SIG_IGN: processors must not inherit an ignore.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _ignore)
     from mailflow.processors.exec import forbid_environ_reads  # noqa: PLC0415 - exec imports us
 
     forbid_environ_reads()  # as the worker: processors' environments pass through our memory
