@@ -35,10 +35,24 @@ def cpu_s(pid: int) -> float:
 
 
 def children_cpu_s(pid: int) -> float:
-    """cutime + cstime: CPU of the process's children it has reaped (its processors)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat.rsplit(")", 1)[1].split()
-    return (int(fields[13]) + int(fields[14])) / CLK_TCK
+    """CPU of the processors: what `pid` and its living children (the spawner helper) have
+    reaped (cutime + cstime)."""
+    total = 0.0
+    for p in [pid, *_children_of(pid)]:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[13]) + int(fields[14])) / CLK_TCK
+    return total
+
+
+def _children_of(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(entry.name))
+    return kids
 
 
 def vm_kib(pid: int, name: str) -> int | None:

@@ -21,8 +21,8 @@ def shown(path: Path) -> str:
 
 
 TARGETS = {
-    "cpu_ms_per_delivery": 2.0,
-    "throughput_ratio": 8.0,
+    "cpu_ms_per_delivery": 4.0,
+    "throughput_ratio": 12.0,
     "loop_lag_p99_ms": 5.0,
     "peak_rss_mb": 150.0,
     "fastcgi_overhead_ms": 1.0,
