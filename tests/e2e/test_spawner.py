@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,25 @@ def test_the_helper_has_none_of_the_workers_credentials(
     assert b"AWS_" not in environ
     code, _ = asyncio.run(_run([sys.executable, "-c", "pass"], stdin, {}))
     assert code == 0  # the closed helper was replaced on the next start
+
+
+def test_an_exit_reported_after_its_loop_closed_does_not_stop_the_helper(stdin: Path) -> None:
+    async def start_and_leave() -> None:
+        proc = await Child.start(
+            [sys.executable, "-c", "import time; time.sleep(0.3)"],
+            stdin_path=stdin,
+            env={},
+            cwd=None,
+            read_limit=65536,
+        )
+        proc.close()  # the loop ends before the exit is reported
+
+    asyncio.run(start_and_leave())
+    time.sleep(0.6)  # the exit arrives for a closed loop
+
+    async def next_run() -> tuple[int | None, bytes]:
+        async with asyncio.timeout(30):
+            return await _run([sys.executable, "-c", "print('ok')"], stdin, {})
+
+    code, out = asyncio.run(next_run())
+    assert (code, out.strip()) == (0, b"ok")

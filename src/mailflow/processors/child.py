@@ -323,8 +323,10 @@ class Spawner:
             for started in self._started.values():
                 _fail(started, OSError("the spawner helper exited"))
             for request_id, exited in self._exits.items():
-                pid = self._pids.get(request_id)
-                exited.get_loop().call_soon_threadsafe(_watch_unknown, pid, exited)
+                with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                    exited.get_loop().call_soon_threadsafe(
+                        _watch_unknown, self._pids.get(request_id), exited
+                    )
             self._started.clear()
             self._exits.clear()
             self._pids.clear()
@@ -332,12 +334,18 @@ class Spawner:
 
 def _resolve(future: asyncio.Future[Any] | None, value: object) -> None:
     if future is not None:
-        future.get_loop().call_soon_threadsafe(_set_result, future, value)
+        _in_loop(future, _set_result, value)
 
 
 def _fail(future: asyncio.Future[Any] | None, error: BaseException) -> None:
     if future is not None:
-        future.get_loop().call_soon_threadsafe(_set_exception, future, error)
+        _in_loop(future, _set_exception, error)
+
+
+def _in_loop(future: asyncio.Future[Any], fn: Any, *args: object) -> None:
+    # The loop that asked may be closed by now (asyncio.run ended): nobody waits any more.
+    with contextlib.suppress(RuntimeError):
+        future.get_loop().call_soon_threadsafe(fn, future, *args)
 
 
 def _set_result(future: asyncio.Future[Any], value: object) -> None:
