@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -92,3 +93,31 @@ def test_an_exit_reported_after_its_loop_closed_does_not_stop_the_helper(stdin: 
 
     code, out = asyncio.run(next_run())
     assert (code, out.strip()) == (0, b"ok")
+
+
+def test_a_helper_that_dies_is_replaced_and_its_running_child_still_reports_its_exit(
+    stdin: Path,
+) -> None:
+    async def scenario() -> tuple[int | None, int | None, int]:
+        async with asyncio.timeout(30):
+            proc = await Child.start(
+                [sys.executable, "-c", "import time; time.sleep(0.5)"],
+                stdin_path=stdin,
+                env={},
+                cwd=None,
+                read_limit=65536,
+            )
+            spawner = await child._spawner_for_now()
+            assert spawner is not None
+            os.kill(spawner._helper.pid, signal.SIGKILL)
+            status = await proc.exited  # the child outlives the helper: watched by pidfd
+            proc.close()
+            code, _ = await _run([sys.executable, "-c", "pass"], stdin, {})
+            replacement = await child._spawner_for_now()
+            assert replacement is not None
+            return status, code, replacement._helper.pid
+
+    status, code, helper_pid = asyncio.run(scenario())
+    assert status is None  # its status went with the helper
+    assert code == 0  # a new helper started the next processor
+    assert helper_pid > 0
