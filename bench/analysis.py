@@ -45,6 +45,16 @@ def children_cpu_s(pid: int) -> float:
     return total
 
 
+def runqueue_wait_s(pid: int) -> float:
+    """Time the process's threads spent runnable but waiting for a CPU (schedstat), seconds."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                total += int((task / "schedstat").read_text().split()[1])
+    return total / 1e9
+
+
 def _children_of(pid: int) -> list[int]:
     kids = []
     for entry in Path("/proc").iterdir():
@@ -158,8 +168,8 @@ def analyse(
         raise RuntimeError(f"{consumer.name}: only {len(rows)} timed deliveries, window {a}..{b}")
     start, end = rows[a]["recorded"], rows[b]["recorded"]
     window = [r for r in rows if start <= r["recorded"] <= end]
-    ta, cpu_a, backend_a, kids_a = consumer.cpu_marks[a]
-    tb, cpu_b, backend_b, kids_b = consumer.cpu_marks[b]
+    ta, cpu_a, backend_a, kids_a, wait_a = consumer.cpu_marks[a]
+    tb, cpu_b, backend_b, kids_b, wait_b = consumer.cpu_marks[b]
     ms = 1000.0
     result: dict[str, Any] = {
         "deliveries": len(consumer.deliveries),
@@ -167,6 +177,8 @@ def analyse(
         "throughput_per_s": round((b - a) / (end - start), 2),
         "cpu_ms_per_delivery": round((cpu_b - cpu_a) * ms / (b - a), 3),
         "cpu_window_s": round(cpu_b - cpu_a, 2),
+        # Runnable but not running: the consumer waiting for a CPU (a saturated machine).
+        "runqueue_wait_ms_per_delivery": round((wait_b - wait_a) * ms / (b - a), 2),
         # The processors' own CPU (reaped children): the legacy script's cost, same for both.
         "processor_cpu_ms_per_delivery": round((kids_b - kids_a) * ms / (b - a), 2),
         # Each backend process's CPU over the same window (it serves the producer too: one

@@ -24,7 +24,7 @@ from typing import Any
 
 import boto3
 
-from analysis import children_cpu_s, cpu_s, vm_kib
+from analysis import children_cpu_s, cpu_s, runqueue_wait_s, vm_kib
 from backend import free_port
 from mailflow.aws import open_clients
 from mailflow.config import Route, Settings
@@ -244,7 +244,7 @@ class Consumer:
     deliveries: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     other: list[str] = field(default_factory=list)
-    cpu_marks: dict[int, tuple[float, float, Any, float]] = field(default_factory=dict)
+    cpu_marks: dict[int, tuple[float, float, Any, float, float]] = field(default_factory=dict)
     backend: Any = None  # backend.Backend, whose CPU is sampled beside the consumer's
     started: threading.Event = field(default_factory=threading.Event)
 
@@ -280,7 +280,13 @@ class Consumer:
                 if n in self.window:
                     backend = self.backend.cpu_s() if self.backend else {}
                     pid = self.proc.pid
-                    self.cpu_marks[n] = (time.time(), cpu_s(pid), backend, children_cpu_s(pid))
+                    self.cpu_marks[n] = (
+                        time.time(),
+                        cpu_s(pid),
+                        backend,
+                        children_cpu_s(pid),
+                        runqueue_wait_s(pid),
+                    )
                 self.done.add()
             elif event is not None:
                 self.events.append(doc)

@@ -151,6 +151,7 @@ def markdown(res: dict[str, Any]) -> str:
         ("run_minus_own_ms_p50", "transport time beyond the script's own, p50 (ms)"),
         ("queued_ms_p50", "waiting for a run slot (prefetched), p50 (ms)"),
         ("processor_occupancy", "processors running, mean (of the concurrency)"),
+        ("runqueue_wait_ms_per_delivery", "waiting for a CPU per delivery (ms, schedstat)"),
         ("loop_lag_p99_ms", "event-loop lag p99 (ms)"),
         ("loop_lag_max_ms", "event-loop lag max (ms)"),
         ("canary_lag_p99_ms", "control canary's lag p99 (ms, machine noise)"),
