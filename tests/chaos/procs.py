@@ -102,6 +102,16 @@ def children_of(pid: int) -> list[int]:
     return out
 
 
+def descendants_of(pid: int) -> list[int]:
+    """Children, grandchildren, ...: processors run under the worker's spawner helper."""
+    out, todo = [], [pid]
+    while todo:
+        kids = children_of(todo.pop())
+        out.extend(kids)
+        todo.extend(kids)
+    return out
+
+
 def alive(pid: int) -> bool:
     """Running (a zombie counts as dead)."""
     try:

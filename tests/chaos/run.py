@@ -56,7 +56,7 @@ if str(TESTS) not in sys.path:
 if str(REPO / "src") not in sys.path:
     sys.path.insert(0, str(REPO / "src"))
 
-from chaos.procs import alive, children_of, kill_tree  # noqa: E402
+from chaos.procs import alive, descendants_of, kill_tree  # noqa: E402
 from chaos.proxy import FaultPlan, FaultProxy  # noqa: E402
 from mailflow.aws import open_clients  # noqa: E402
 from mailflow.aws.expressions import deserialize  # noqa: E402
@@ -580,7 +580,7 @@ class Chaos:
         self.kills_done.set()
 
     def _runs_of(self, worker_pid: int) -> list[Run]:
-        kids = set(children_of(worker_pid))
+        kids = set(descendants_of(worker_pid))
         return [r for r in self.effects.unfinished() if r.pid in kids and alive(r.pid)]
 
     async def _kill_one(self, targeted: str) -> Kill | None:
