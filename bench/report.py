@@ -56,26 +56,32 @@ def verdicts(res: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
 
-    if naive and worker:
-        ratio = round(worker["throughput_per_s"] / naive["throughput_per_s"], 2)
-        res["throughput_ratio"] = ratio
+    clients = {"worker": "botocore client", "lean": "lean client"}
+    for kind, client in clients.items():
+        consumer = res.get(kind)
+        if not consumer:
+            continue
+        if naive:
+            ratio = round(consumer["throughput_per_s"] / naive["throughput_per_s"], 2)
+            res[f"throughput_ratio_{kind}"] = ratio
+            row(
+                f"throughput vs naive consumer ({client})",
+                ratio,
+                TARGETS["throughput_ratio"],
+                "×",
+                higher_better=True,
+            )
         row(
-            "throughput vs naive consumer",
-            ratio,
-            TARGETS["throughput_ratio"],
-            "×",
-            higher_better=True,
-        )
-    if worker:
-        row(
-            "worker CPU per delivery",
-            worker["cpu_ms_per_delivery"],
+            f"worker CPU per delivery ({client})",
+            consumer["cpu_ms_per_delivery"],
             TARGETS["cpu_ms_per_delivery"],
             "ms",
         )
+    spawn = res.get("spawn_lag")
+    if spawn:
         row(
-            "event-loop lag p99 while spawning",
-            worker.get("loop_lag_p99_ms"),
+            "event-loop lag p99 while processors start (spawn_lag.py, spawner helper)",
+            spawn["helper"]["p99_ms"],
             TARGETS["loop_lag_p99_ms"],
             "ms",
         )
@@ -138,7 +144,7 @@ def markdown(res: dict[str, Any]) -> str:
             f"| {v['target']} | {fmt(v['value'])} {v['unit']} |"
             f" {v['op']} {fmt(v['limit'])} {v['unit']} | {met} |"
         )
-    cols = [c for c in ("naive", "worker", "fastcgi") if res.get(c)]
+    cols = [c for c in ("naive", "worker", "lean", "fastcgi") if res.get(c)]
     fields = [
         ("throughput_per_s", "steady-state throughput (/s)"),
         ("cpu_ms_per_delivery", "consumer CPU per delivery (ms, own process)"),
@@ -164,6 +170,20 @@ def markdown(res: dict[str, Any]) -> str:
     lines += ["", "| | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for key, label in fields:
         lines.append(f"| {label} | " + " | ".join(fmt(res[c].get(key)) for c in cols) + " |")
+    spawn = res.get("spawn_lag")
+    if spawn:
+        lines += [
+            "",
+            (
+                f"Event-loop lag while processors start ({spawn['runs']} × {spawn['command']!r},"
+                f" {spawn['concurrency']} at a time; mean of two interleaved runs each), p99:"
+                f" spawner helper {fmt(spawn['helper']['p99_ms'])} ms, thread spawner"
+                f" {fmt(spawn['thread']['p99_ms'])} ms, asyncio.create_subprocess_exec"
+                f" {fmt(spawn['asyncio']['p99_ms'])} ms. (The throughput runs' own loop lag"
+                " above is what a CPU-starved worker sees on this box: the backends, the"
+                " processors and the worker share its cores.)"
+            ),
+        ]
     if res.get("rss"):
         r = res["rss"]
         lines += [

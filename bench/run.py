@@ -7,14 +7,18 @@ Modules, one per part of a run: backend.py (the AWS endpoints, own processes), l
 resources, producer, consumer processes), analysis.py (steady-state figures), report.py
 (targets and the tables); this file runs the phases.
 
-Phases (each on fresh resources of one embedded moto server, a subprocess):
+Phases (each on fresh resources of one backend, see backend.py):
 
 1. naive     bench/naive.py, one message at a time (boto3), N deliveries.
 2. worker    `python -m mailflow worker` (exec transport), N deliveries.
-3. fastcgi   the same worker with the fastcgi transport against sidecar/run-local (php-fpm),
-             when mailflow.processors.fastcgi, sidecar/run-local and php-fpm exist.
-4. rss       16 concurrent 40 MiB mails through a fresh worker: its VmHWM.
-5. fairness  a flood of one store (max_in_flight_per_key=1) through --fair-workers worker
+3. lean      the same worker with MAILFLOW_AWS_CLIENT=lean (mailflow.aws.lean: the hot calls
+             without botocore's per-request pipeline), N deliveries.
+4. fastcgi   the worker (botocore client) with the fastcgi transport against sidecar/run-local
+             (php-fpm), when mailflow.processors.fastcgi, sidecar/run-local and php-fpm exist.
+5. spawn     bench/spawn_lag.py: event-loop lag while 16 processors at a time start, the
+             spawner helper beside the thread spawner and plain asyncio, interleaved.
+6. rss       16 concurrent 40 MiB mails through a fresh worker: its VmHWM.
+7. fairness  a flood of one store (max_in_flight_per_key=1) through --fair-workers worker
              processes (3), then one mail of another store: how long the lone mail takes, in
              units of one flood delivery's time, and whether the store's runs ever overlapped.
 
@@ -47,6 +51,7 @@ import boto3
 
 import backend
 import cost
+import spawn_lag
 from analysis import analyse, machine, read_sizes, read_times, stamps_of
 from load import (
     BENCH,
@@ -328,7 +333,12 @@ def main(argv: list[str] | None = None) -> int:
         default="emulators",
         help="emulators: DynamoDB on dynalite, S3/SQS/SNS on LocalStack (make backends); moto",
     )
-    parser.add_argument("--skip", default="", help="comma list: naive,worker,fastcgi,rss,fairness")
+    parser.add_argument(
+        "--skip", default="", help="comma list: naive,worker,lean,fastcgi,spawn,rss,fairness"
+    )
+    parser.add_argument(
+        "--spawn-runs", type=int, default=200, help="spawn lag: processor starts per spawner"
+    )
     parser.add_argument("--out", type=Path, default=BENCH / "results")
     parser.add_argument("--profile", type=Path, help="run workers under cProfile, .prof files here")
     parser.add_argument(
@@ -357,10 +367,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="mailflow-bench-") as tmpdir:
             tmp = Path(tmpdir)
-            for kind in ("naive", "worker"):
+            for kind in ("naive", "worker", "lean"):
                 if kind not in skip:
                     print(f"bench: {kind} …", file=sys.stderr, flush=True)
-                    res[kind] = run_throughput(kind, args, tmp, aws)
+                    res[kind] = run_throughput(
+                        kind,
+                        args,
+                        tmp,
+                        aws,
+                        {"MAILFLOW_AWS_CLIENT": "lean"} if kind == "lean" else None,
+                    )
             if "fastcgi" not in skip:
                 fpm = start_fpm(args, tmp)
                 if fpm is None:
@@ -383,6 +399,11 @@ def main(argv: list[str] | None = None) -> int:
                         )
                     finally:
                         stop_fpm(fpm[0])
+            if "spawn" not in skip:
+                print("bench: spawn lag …", file=sys.stderr, flush=True)
+                res["spawn_lag"] = spawn_lag.measure_all(
+                    args.spawn_runs, args.concurrency, spawn_lag.default_command()
+                )
             if "rss" not in skip:
                 print("bench: rss …", file=sys.stderr, flush=True)
                 res["rss"] = run_rss(args, tmp)

@@ -164,6 +164,10 @@ class Settings(BaseSettings):
     #: (an alias) and `send`/`smtp` encrypt with it, as SES does. None: any key the envelope
     #: names (IAM then decides), and the emulator stores mail unencrypted.
     kms_key: str | None = None
+    #: Which client sends the worker's hot AWS calls (S3 GetObject, SQS receive/delete/
+    #: visibility, DynamoDB item writes): "botocore", or "lean" (mailflow.aws.lean: the same
+    #: requests, answers and errors at about a third of the CPU; see docs/performance.md).
+    aws_client: Literal["botocore", "lean"] = "botocore"
 
     # --- routing ----------------------------------------------------------------------------
     routes: Annotated[tuple[Route, ...], NoDecode] = DEFAULT_ROUTES

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -100,13 +101,14 @@ async def fake() -> AsyncIterator[ContractBackend]:
 
 
 @contextlib.asynccontextmanager
-async def aws_api() -> AsyncIterator[ContractBackend]:
+async def aws_api(client: str = "botocore") -> AsyncIterator[ContractBackend]:
     """mailflow's AWS adapters against whatever server AWS_ENDPOINT_URL names (moto,
-    LocalStack, ...), on resources provisioned as `mailflow dev` provisions them."""
+    LocalStack, ...), on resources provisioned as `mailflow dev` provisions them; `client`
+    is open_clients' (botocore, or the lean hot path)."""
     clock = ManualClock()
     uid = uuid.uuid4().hex[:10]
     settings = Settings(bucket=f"ct-{uid}", topic=f"ct-{uid}", queue=f"ct-{uid}", table=f"ct-{uid}")
-    async with open_clients() as clients:
+    async with open_clients(client=client) as clients:
         await provision(clients, settings)
         queue = await Queue.resolve(clients.sqs, settings.queue, settings.dlq)
         await _redrive(clients, queue, MAX_RECEIVE_COUNT)
@@ -134,7 +136,7 @@ async def aws_api() -> AsyncIterator[ContractBackend]:
             ]
 
         yield ContractBackend(
-            name="aws_api",
+            name=f"aws_api/{client}",
             clock=clock,
             ledger=Ledger(clients.dynamodb, settings.table, clock=clock),
             queue=queue,
@@ -164,6 +166,9 @@ BACKENDS: dict[str, tuple[Opener, str | None]] = {
     "fake": (fake, None),
     "moto": (aws_api, "moto_url"),
     "localstack+dynalite": (aws_api, "aws_like_endpoints"),
+    # The lean hot path (mailflow.aws.lean) on the same servers: its answers and errors must be
+    # botocore's, or these fail where the botocore rows pass.
+    "localstack+dynalite+lean": (functools.partial(aws_api, "lean"), "aws_like_endpoints"),
 }
 
 

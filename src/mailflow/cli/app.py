@@ -50,7 +50,9 @@ def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
 
     async def main() -> int:
         async with open_clients(
-            settings.concurrency * 2 + 8, mail_region=settings.mail_region
+            settings.concurrency * 2 + 8,
+            mail_region=settings.mail_region,
+            client=settings.aws_client,
         ) as clients:
             return await Worker(settings, clients).run()
 
