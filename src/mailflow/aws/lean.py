@@ -334,5 +334,6 @@ def http_session(max_connections: int, connect_timeout_s: float, read_timeout_s:
             total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s
         ),
         auto_decompress=False,  # S3 bodies are the object's bytes, as botocore gives them
+        cookie_jar=aiohttp.DummyCookieJar(),  # AWS APIs set none; filtering them costs per call
         skip_auto_headers=("Accept", "Accept-Encoding"),
     )
