@@ -47,14 +47,19 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def tree_cpu_s(pid: int) -> float:
-    """utime + stime of `pid` and all its living descendants, in seconds."""
+def tree_cpu_s(pid: int, *, reaped: bool = False) -> float:
+    """utime + stime of `pid` and all its living descendants, in seconds; with `reaped`, also
+    what their children that have exited and been waited for used (cutime + cstime): a
+    php-fpm worker's proc_open children, say."""
     tree, total, todo = _children(), 0.0, [pid]
     while todo:
         p = todo.pop()
         with contextlib.suppress(OSError):
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+            ticks = int(fields[11]) + int(fields[12])
+            if reaped:
+                ticks += int(fields[13]) + int(fields[14])
+            total += ticks / CLK_TCK
         todo.extend(tree.get(p, []))
     return total
 

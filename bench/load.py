@@ -25,7 +25,7 @@ from typing import Any
 import boto3
 
 from analysis import children_cpu_s, cpu_s, runqueue_wait_s, vm_kib
-from backend import free_port
+from backend import free_port, tree_cpu_s
 from mailflow.aws import open_clients
 from mailflow.config import Route, Settings
 from mailflow.dev.provision import provision
@@ -246,6 +246,9 @@ class Consumer:
     other: list[str] = field(default_factory=list)
     cpu_marks: dict[int, tuple[float, float, Any, float, float]] = field(default_factory=dict)
     backend: Any = None  # backend.Backend, whose CPU is sampled beside the consumer's
+    #: Processors that are not the consumer's children (a php-fpm pool): their tree's CPU
+    #: counts as processor CPU beside the reaped children's.
+    processor_pid: int | None = None
     started: threading.Event = field(default_factory=threading.Event)
 
     def start(self, stdout_path: Path) -> None:
@@ -284,12 +287,17 @@ class Consumer:
                         time.time(),
                         cpu_s(pid),
                         backend,
-                        children_cpu_s(pid),
+                        children_cpu_s(pid) + self.pool_cpu_s(),
                         runqueue_wait_s(pid),
                     )
                 self.done.add()
             elif event is not None:
                 self.events.append(doc)
+
+    def pool_cpu_s(self) -> float:
+        """CPU of the processors outside the consumer's own children (php-fpm and what its
+        workers spawned and reaped); 0 without such a pool."""
+        return tree_cpu_s(self.processor_pid, reaped=True) if self.processor_pid else 0.0
 
     def wait_started(self, timeout_s: float = 60) -> None:
         if not self.started.wait(timeout_s):

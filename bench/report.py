@@ -33,7 +33,7 @@ TARGETS = {
 
 
 def verdicts(res: dict[str, Any]) -> list[dict[str, Any]]:
-    naive, worker = res.get("naive"), res.get("worker")
+    naive = res.get("naive")
     rows: list[dict[str, Any]] = []
 
     def row(
@@ -56,7 +56,11 @@ def verdicts(res: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
 
-    clients = {"worker": "botocore client", "lean": "lean client"}
+    clients = {
+        "worker": "botocore client",
+        "lean": "lean client",
+        "fastcgi": "lean client, fastcgi transport",
+    }
     for kind, client in clients.items():
         consumer = res.get(kind)
         if not consumer:
@@ -92,9 +96,9 @@ def verdicts(res: dict[str, Any]) -> list[dict[str, Any]]:
             TARGETS["peak_rss_mb"],
             "MB",
         )
-    fc = res.get("fastcgi")
-    if fc and worker:
-        over = round(fc["run_minus_own_ms_p50"] - worker["run_minus_own_ms_p50"], 2)
+    fc, exec_lean = res.get("fastcgi"), res.get("lean") or res.get("worker")
+    if fc and exec_lean:
+        over = round(fc["run_minus_own_ms_p50"] - exec_lean["run_minus_own_ms_p50"], 2)
         res["fastcgi_overhead_ms"] = over
         row(
             "fastcgi overhead per delivery (vs exec, p50)",
@@ -162,7 +166,7 @@ def markdown(res: dict[str, Any]) -> str:
         ("loop_lag_max_ms", "event-loop lag max (ms)"),
         ("canary_lag_p99_ms", "control canary's lag p99 (ms, machine noise)"),
         ("vm_hwm_mb", "peak RSS (MB)"),
-        ("processor_cpu_ms_per_delivery", "processor CPU per delivery (ms, reaped children)"),
+        ("processor_cpu_ms_per_delivery", "processor CPU per delivery (ms, children or php-fpm)"),
         ("backend_cpu_ms_per_delivery", "backend CPU per delivery (ms, all its processes)"),
         ("backend_ceiling_per_s", "busiest backend process's ceiling, one core (/s)"),
         ("aws_calls_per_delivery_total", "AWS calls per delivery"),

@@ -13,8 +13,9 @@ Phases (each on fresh resources of one backend, see backend.py):
 2. worker    `python -m mailflow worker` (exec transport), N deliveries.
 3. lean      the same worker with MAILFLOW_AWS_CLIENT=lean (mailflow.aws.lean: the hot calls
              without botocore's per-request pipeline), N deliveries.
-4. fastcgi   the worker (botocore client) with the fastcgi transport against sidecar/run-local
-             (php-fpm), when mailflow.processors.fastcgi, sidecar/run-local and php-fpm exist.
+4. fastcgi   the lean worker with the fastcgi transport against sidecar/run-local (php-fpm),
+             when mailflow.processors.fastcgi, sidecar/run-local and php-fpm exist; php-fpm's
+             CPU counts as the processors'.
 5. spawn     bench/spawn_lag.py: event-loop lag while 16 processors at a time start, the
              spawner helper beside the thread spawner and plain asyncio, interleaved.
 6. rss       16 concurrent 40 MiB mails through a fresh worker: its VmHWM.
@@ -80,6 +81,7 @@ def run_throughput(
     tmp: Path,
     aws: backend.Backend,
     extra_env: dict[str, str] | None = None,
+    processor_pid: int | None = None,
 ) -> dict[str, Any]:
     times = tmp / f"times-{kind}.txt"
     route = processor_route(args.processor_ms, times)
@@ -111,6 +113,7 @@ def run_throughput(
             **(extra_env or {}),
         )
     consumer.backend = aws
+    consumer.processor_pid = processor_pid
     consumer.start(tmp / f"{kind}.out")
     consumer.wait_started()
     spy = py_spy(args, kind, consumer.proc.pid)
@@ -395,7 +398,9 @@ def main(argv: list[str] | None = None) -> int:
                                 "MAILFLOW_PROCESSOR_TRANSPORT": "fastcgi",
                                 "MAILFLOW_FASTCGI_ADDRESS": fpm[1],
                                 "MAILFLOW_RUNNER_SCRIPT": str(REPO / "sidecar" / "runner.php"),
+                                "MAILFLOW_AWS_CLIENT": "lean",
                             },
+                            processor_pid=fpm[0].pid,
                         )
                     finally:
                         stop_fpm(fpm[0])

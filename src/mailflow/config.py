@@ -197,6 +197,9 @@ class Settings(BaseSettings):
 
     # --- processor --------------------------------------------------------------------------
     processor_transport: Literal["exec", "fastcgi"] = "exec"
+    #: exec: how many steps below the worker's CPU priority processors run (0: the same).
+    #: Keeps the worker's heartbeat on time when processors saturate the CPU.
+    processor_nice: Annotated[int, Field(ge=0, le=19)] = 10
     fastcgi_address: str = "127.0.0.1:9000"
     fastcgi_connect_timeout_s: Annotated[float, Field(gt=0)] = 5.0
     runner_script: str = "/app/sidecar/runner.php"

@@ -121,3 +121,37 @@ def test_a_helper_that_dies_is_replaced_and_its_running_child_still_reports_its_
     assert status is None  # its status went with the helper
     assert code == 0  # a new helper started the next processor
     assert helper_pid > 0
+
+
+@pytest.mark.parametrize("spawner", ["helper", "thread"])
+@pytest.mark.parametrize("nice", [0, 7])
+def test_processors_run_niced_below_the_worker(
+    stdin: Path, monkeypatch: pytest.MonkeyPatch, spawner: str, nice: int
+) -> None:
+    """Both spawners lower the processor's CPU priority by `nice` (the worker keeps its own),
+    and what the processor starts inherits it."""
+    if spawner == "thread":
+        monkeypatch.setenv(child.SPAWNER_ENV, "thread")
+    else:
+        monkeypatch.delenv(child.SPAWNER_ENV, raising=False)
+    script = "import os, subprocess; print(os.nice(0)); subprocess.run(['nice'])"
+
+    async def run() -> tuple[int | None, bytes]:
+        proc = await Child.start(
+            [sys.executable, "-c", script],
+            stdin_path=stdin,
+            env={"PATH": os.environ["PATH"]},
+            cwd=None,
+            read_limit=65536,
+            nice=nice,
+        )
+        out = await proc.stdout.read()
+        await proc.exited
+        proc.close()
+        return proc.returncode(), out
+
+    code, out = asyncio.run(run())
+    assert code == 0
+    own, grandchild = (int(x) for x in out.split())
+    worker = os.nice(0)
+    assert own == grandchild == worker + nice

@@ -109,8 +109,17 @@ async def _pump(stream: asyncio.StreamReader | None, capture: OutputCapture) -> 
         capture.feed(chunk)
 
 
+#: Processors' default niceness: under CPU contention the worker's loop (heartbeats, I/O) gets
+#: about ten times a processor's share, and an idle CPU still goes to the processors.
+DEFAULT_NICE = 10
+
+
 class ExecProcessor:
-    """The sendmail/postfix pipe, minus the shell."""
+    """The sendmail/postfix pipe, minus the shell. Processors run `nice` steps below the
+    worker's CPU priority (MAILFLOW_PROCESSOR_NICE; see child.lower_priority)."""
+
+    def __init__(self, nice: int = DEFAULT_NICE) -> None:
+        self.nice = nice
 
     def settle_s(self, kill_grace_s: float) -> float:  # noqa: ARG002 - the protocol's signature
         """0: a cancelled `run` returns only once the process group is gone."""
@@ -131,6 +140,7 @@ class ExecProcessor:
                 env=request.env,
                 cwd=request.cwd,
                 read_limit=STREAM_CHUNK_BYTES,
+                nice=self.nice,
             ),
         )
         try:

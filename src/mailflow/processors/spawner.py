@@ -27,6 +27,8 @@ import sys
 import threading
 from typing import Any
 
+from mailflow.processors.child import lower_priority
+
 #: Largest request (argv + env as JSON) and answer.
 MAX_MESSAGE_BYTES = 1 << 20
 #: stdin, stdout, stderr of the child.
@@ -64,6 +66,7 @@ def serve(sock: socket.socket) -> None:
                 {"id": request["id"], "error": exc.errno or 0, "message": exc.strerror or str(exc)}
             )
         else:
+            lower_priority(popen.pid, int(request.get("nice", 0)))
             running[popen.pid] = popen
             send({"id": request["id"], "pid": popen.pid})
             send({"id": request["id"], "exit": popen.wait()})

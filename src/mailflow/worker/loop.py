@@ -82,7 +82,7 @@ def make_processor(settings: Settings) -> Processor:
             settings.runner_script,
             connect_timeout_s=settings.fastcgi_connect_timeout_s,
         )
-    return ExecProcessor()
+    return ExecProcessor(nice=settings.processor_nice)
 
 
 def new_worker_id() -> str:
