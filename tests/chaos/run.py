@@ -263,6 +263,8 @@ class ChaosReport:
     wrong: list[str] = field(default_factory=list)
     dup_effects: dict[str, int] = field(default_factory=dict)
     unexplained_dups: list[str] = field(default_factory=list)
+    #: repeats whose first run was killed after its effect, but not among a kill's snapshot
+    unattributed_kills: list[str] = field(default_factory=list)
     interrupted: list[str] = field(default_factory=list)
     kills: list[Kill] = field(default_factory=list)
     faults: int = 0
@@ -692,12 +694,15 @@ class Chaos:
             rep.replays += sum(1 for r in effects if r.effect == "replay")
             if len(effects) > 1:
                 rep.dup_effects[p.delivery_id] = len(effects)
-                explained = any(
-                    r.pid in killed_pids and r.effect is not None and r.exit_code is None
-                    for r in effects
-                )
-                if not explained:
+                # The at-least-once window: a run killed after its effect, before its exit.
+                # Who killed it is usually a chaos kill; a processor killed as its worker died
+                # can escape that kill's process snapshot, so the run's own record decides
+                # (overlapping runs, the real hazard, are checked below).
+                killed_after_effect = [r for r in effects[:-1] if r.exit_code is None]
+                if not killed_after_effect:
                     rep.unexplained_dups.append(p.delivery_id)
+                elif not any(r.pid in killed_pids for r in killed_after_effect):
+                    rep.unattributed_kills.append(p.delivery_id)
             ordered = sorted(runs, key=lambda r: r.start_s)
             for a, b in itertools.pairwise(ordered):
                 end = (
@@ -791,7 +796,9 @@ class Chaos:
         if rep.wrong:
             rep.problems.append(f"wrong outcome: {rep.wrong}")
         if rep.unexplained_dups:
-            rep.problems.append(f"repeated effects without a kill: {rep.unexplained_dups}")
+            rep.problems.append(
+                f"repeated effects after a run that exited normally: {rep.unexplained_dups}"
+            )
         repeats = sum(n - 1 for n in rep.dup_effects.values())
         if rep.replays != repeats:
             rep.problems.append(
@@ -838,6 +845,11 @@ def print_report(rep: ChaosReport, cfg: ChaosConfig, workdir: Path) -> None:
         out.write(
             f"  repeated effect: {did} ran its side effect {n}x (processor killed by a"
             f" worker kill after its effect; the idempotency key saw a replay)\n"
+        )
+    if rep.unattributed_kills:
+        out.write(
+            "  killed after the effect, outside any kill's process snapshot:"
+            f" {rep.unattributed_kills}\n"
         )
     out.write(f"  replays caught by MAILFLOW_DELIVERY_ID: {rep.replays}\n")
     if rep.record_ms:
