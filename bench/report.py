@@ -32,8 +32,37 @@ TARGETS = {
 # --- report ----------------------------------------------------------------------------------
 
 
+def add_ceilings(res: dict[str, Any]) -> None:
+    """Per consumer: the throughput this machine could give at the CPU the run measured (all
+    cores ÷ consumer + processor + backend CPU per delivery), and that as a ratio to the
+    naive consumer's measured rate. A ratio target above it cannot be met on this machine."""
+    cores = res["machine"].get("cores") or 1
+    naive = res.get("naive")
+    for kind in ("naive", "worker", "lean", "fastcgi"):
+        consumer = res.get(kind)
+        if not consumer:
+            continue
+        cpu_ms = sum(
+            float(consumer.get(key) or 0)
+            for key in (
+                "cpu_ms_per_delivery",
+                "processor_cpu_ms_per_delivery",
+                "backend_cpu_ms_per_delivery",
+            )
+        )
+        if cpu_ms <= 0:
+            continue
+        consumer["all_cpu_ms_per_delivery"] = round(cpu_ms, 2)
+        consumer["cpu_ceiling_per_s"] = round(cores * 1000 / cpu_ms, 1)
+        if naive:
+            consumer["cpu_ceiling_ratio"] = round(
+                consumer["cpu_ceiling_per_s"] / naive["throughput_per_s"], 2
+            )
+
+
 def verdicts(res: dict[str, Any]) -> list[dict[str, Any]]:
     naive = res.get("naive")
+    add_ceilings(res)
     rows: list[dict[str, Any]] = []
 
     def row(
@@ -170,6 +199,9 @@ def markdown(res: dict[str, Any]) -> str:
         ("backend_cpu_ms_per_delivery", "backend CPU per delivery (ms, all its processes)"),
         ("backend_ceiling_per_s", "busiest backend process's ceiling, one core (/s)"),
         ("aws_calls_per_delivery_total", "AWS calls per delivery"),
+        ("all_cpu_ms_per_delivery", "all CPU per delivery: consumer + processor + backend (ms)"),
+        ("cpu_ceiling_per_s", "ceiling at that CPU: all cores of this machine (/s)"),
+        ("cpu_ceiling_ratio", "  the ceiling as a ratio to the naive consumer (×)"),
     ]
     lines += ["", "| | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for key, label in fields:
