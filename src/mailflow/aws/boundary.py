@@ -349,10 +349,16 @@ async def open_clients(
         s3 = await enter(session.client("s3", region_name=mail_region, config=config))
         sqs = await enter(session.client("sqs", config=config))
         dynamodb = await enter(session.client("dynamodb", config=config))
-        credentials = await botocore_session.get_credentials() if client == "lean" else None
-        if credentials is not None:  # no credentials: botocore says so on the first call
+        credentials = None
+        if client == "lean":
             from mailflow.aws import lean  # noqa: PLC0415 - only the worker's choice loads it
 
+            refused = lean.unsupported_environment()
+            if refused is None:
+                credentials = await botocore_session.get_credentials()
+            else:
+                log.warning("lean_client_not_used", reason=refused)
+        if credentials is not None:  # no credentials: botocore says so on the first call
             http = await enter(
                 lean.http_session(max_pool_connections, CONNECT_TIMEOUT_S, READ_TIMEOUT_S)
             )

@@ -25,7 +25,10 @@ import base64
 import datetime as dt
 import hashlib
 import json
+import os
 import re
+import ssl
+import urllib.request
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Self
@@ -33,6 +36,7 @@ from urllib.parse import quote, urlsplit
 
 import aiohttp
 import botocore.exceptions
+import botocore.httpsession
 from yarl import URL
 
 from mailflow.aws.sigv4 import EMPTY_SHA256, Credentials, Signer
@@ -326,10 +330,30 @@ def _s3_error(
     return botocore.exceptions.ClientError(error, operation)  # type: ignore[arg-type]
 
 
+def unsupported_environment() -> str | None:
+    """Why the lean path must not be used in this process (None: it may). An HTTP proxy:
+    botocore honours HTTP(S)_PROXY / NO_PROXY and its proxy configuration; this path does not
+    implement them, so such a process keeps botocore for every call."""
+    proxies = {k: v for k, v in urllib.request.getproxies().items() if k in {"http", "https"}}
+    if proxies:
+        return f"an HTTP proxy is configured ({', '.join(sorted(proxies))})"
+    return None
+
+
+def tls_context() -> ssl.SSLContext:
+    """Server certificates checked against the CA bundle botocore uses: AWS_CA_BUNDLE when
+    set, else botocore's default (certifi's), so both paths trust the same authorities."""
+    bundle = os.environ.get("AWS_CA_BUNDLE") or botocore.httpsession.get_cert_path(True)  # noqa: FBT003 - its API
+    return ssl.create_default_context(cafile=bundle)
+
+
 def http_session(max_connections: int, connect_timeout_s: float, read_timeout_s: float) -> Any:
-    """The lean path's HTTP session: keep-alive, the same limits and timeouts as botocore's."""
+    """The lean path's HTTP session: keep-alive, the same limits, timeouts and CA bundle as
+    botocore's."""
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=30),
+        connector=aiohttp.TCPConnector(
+            limit=max_connections, keepalive_timeout=30, ssl=tls_context()
+        ),
         timeout=aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s
         ),
