@@ -65,7 +65,7 @@ class Phase:
 
     @classmethod
     def create(cls, name: str, route: Route, tmp: Path, **overrides: Any) -> Phase:
-        uid = f"bench-{name}-{uuid.uuid4().hex[:8]}"
+        uid = f"bench-{name.replace('_', '-')}-{uuid.uuid4().hex[:8]}"  # S3 names: no "_"
         settings = Settings(
             bucket=uid,
             topic=uid,
@@ -150,9 +150,36 @@ async def _provision(settings: Settings) -> dict[str, str]:
         return await provision(clients, settings)
 
 
-def processor_route(sleep_ms: int, times: Path, max_per_key: int | None = None) -> Route:
+NATIVE_SOURCE = BENCH / "processor.c"
+
+
+def build_native_processor(out_dir: Path) -> Path | None:
+    """bench/processor.c built with the system's C compiler (None without one, or if the
+    build fails): the processor whose own CPU is next to nothing."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        return None
+    binary = out_dir / "processor-native"
+    built = subprocess.run(
+        [cc, "-O2", "-o", str(binary), str(NATIVE_SOURCE)],
+        capture_output=True,
+        check=False,
+    )
+    return binary if built.returncode == 0 else None
+
+
+def processor_route(
+    sleep_ms: int,
+    times: Path,
+    max_per_key: int | None = None,
+    native: Path | None = None,
+) -> Route:
+    """The bench route: php-cli running processor.php (processor.py without php), or the
+    compiled `native` processor when given."""
     php = shutil.which("php")
-    if php:
+    if native is not None:
+        command = f"{native} {{store}} {sleep_ms} {times}"
+    elif php:
         command = f"{php} {PHP_PROCESSOR} {{store}} {sleep_ms} {times}"
     else:
         command = f"{sys.executable} {PY_PROCESSOR} {{store}} {sleep_ms} {times}"

@@ -38,8 +38,9 @@ def add_ceilings(res: dict[str, Any]) -> None:
     naive consumer's measured rate. A ratio target above it cannot be met on this machine."""
     cores = res["machine"].get("cores") or 1
     naive = res.get("naive")
-    for kind in ("naive", "worker", "lean", "fastcgi"):
+    for kind in ("naive", "worker", "lean", "fastcgi", "naive_native", "lean_native"):
         consumer = res.get(kind)
+        base = res.get("naive_native") if kind.endswith("_native") else naive
         if not consumer:
             continue
         cpu_ms = sum(
@@ -54,9 +55,9 @@ def add_ceilings(res: dict[str, Any]) -> None:
             continue
         consumer["all_cpu_ms_per_delivery"] = round(cpu_ms, 2)
         consumer["cpu_ceiling_per_s"] = round(cores * 1000 / cpu_ms, 1)
-        if naive:
+        if base:
             consumer["cpu_ceiling_ratio"] = round(
-                consumer["cpu_ceiling_per_s"] / naive["throughput_per_s"], 2
+                consumer["cpu_ceiling_per_s"] / base["throughput_per_s"], 2
             )
 
 
@@ -89,13 +90,15 @@ def verdicts(res: dict[str, Any]) -> list[dict[str, Any]]:
         "worker": "botocore client",
         "lean": "lean client",
         "fastcgi": "lean client, fastcgi transport",
+        "lean_native": "lean client; both on the compiled processor",
     }
     for kind, client in clients.items():
         consumer = res.get(kind)
+        base = res.get("naive_native") if kind.endswith("_native") else naive
         if not consumer:
             continue
-        if naive:
-            ratio = round(consumer["throughput_per_s"] / naive["throughput_per_s"], 2)
+        if base:
+            ratio = round(consumer["throughput_per_s"] / base["throughput_per_s"], 2)
             res[f"throughput_ratio_{kind}"] = ratio
             row(
                 f"throughput vs naive consumer ({client})",
@@ -177,7 +180,11 @@ def markdown(res: dict[str, Any]) -> str:
             f"| {v['target']} | {fmt(v['value'])} {v['unit']} |"
             f" {v['op']} {fmt(v['limit'])} {v['unit']} | {met} |"
         )
-    cols = [c for c in ("naive", "worker", "lean", "fastcgi") if res.get(c)]
+    cols = [
+        c
+        for c in ("naive", "worker", "lean", "fastcgi", "naive_native", "lean_native")
+        if res.get(c)
+    ]
     fields = [
         ("throughput_per_s", "steady-state throughput (/s)"),
         ("cpu_ms_per_delivery", "consumer CPU per delivery (ms, own process)"),

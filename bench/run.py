@@ -16,10 +16,13 @@ Phases (each on fresh resources of one backend, see backend.py):
 4. fastcgi   the lean worker with the fastcgi transport against sidecar/run-local (php-fpm),
              when mailflow.processors.fastcgi, sidecar/run-local and php-fpm exist; php-fpm's
              CPU counts as the processors'.
-5. spawn     bench/spawn_lag.py: event-loop lag while 16 processors at a time start, the
+5. native    naive and lean again with bench/processor.c (built with cc) as the processor:
+             the same 100 ms sleep with almost no CPU of its own, so php-cli's start-up
+             (~15-20 ms of CPU a run) does not fill the cores: what the worker overlaps.
+6. spawn     bench/spawn_lag.py: event-loop lag while 16 processors at a time start, the
              spawner helper beside the thread spawner and plain asyncio, interleaved.
-6. rss       16 concurrent 40 MiB mails through a fresh worker: its VmHWM.
-7. fairness  a flood of one store (max_in_flight_per_key=1) through --fair-workers worker
+7. rss       16 concurrent 40 MiB mails through a fresh worker: its VmHWM.
+8. fairness  a flood of one store (max_in_flight_per_key=1) through --fair-workers worker
              processes (3), then one mail of another store: how long the lone mail takes, in
              units of one flood delivery's time, and whether the store's runs ever overlapped.
 
@@ -52,6 +55,7 @@ import boto3
 
 import backend
 import cost
+import load
 import spawn_lag
 from analysis import analyse, machine, read_sizes, read_times, stamps_of
 from load import (
@@ -82,15 +86,16 @@ def run_throughput(
     aws: backend.Backend,
     extra_env: dict[str, str] | None = None,
     processor_pid: int | None = None,
+    native: Path | None = None,
 ) -> dict[str, Any]:
     times = tmp / f"times-{kind}.txt"
-    route = processor_route(args.processor_ms, times)
+    route = processor_route(args.processor_ms, times, native=native)
     phase = Phase.create(kind, route, tmp, concurrency=args.concurrency, wait_time_s=2)
     key = phase.put_mail(ORDER_MAIL)
     n = args.n
     window = (max(1, n // 10), n - max(1, n // 10))
     lag_file = tmp / f"lag-{kind}.json"
-    if kind == "naive":
+    if kind.startswith("naive"):
         consumer = Consumer(
             "naive",
             [sys.executable, str(BENCH / "naive.py")],
@@ -139,7 +144,7 @@ def run_throughput(
     result = analyse(
         consumer,
         times,
-        lag_file if kind != "naive" else None,
+        lag_file if not kind.startswith("naive") else None,
         canary_file,
     )
     result["vm_hwm_mb"] = round(hwm_kib / 1024, 1)
@@ -156,7 +161,7 @@ def run_throughput(
         op: round(count / n, 2) for op, count in consumer_calls.items()
     }
     result["aws_calls_per_delivery_total"] = round(sum(consumer_calls.values()) / n, 2)
-    if kind != "naive":
+    if not kind.startswith("naive"):
         result["worker_stats"] = {
             k: v for k, v in stopped.items() if k not in {"event", "timestamp", "level"}
         }
@@ -337,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         help="emulators: DynamoDB on dynalite, S3/SQS/SNS on LocalStack (make backends); moto",
     )
     parser.add_argument(
-        "--skip", default="", help="comma list: naive,worker,lean,fastcgi,spawn,rss,fairness"
+        "--skip", default="", help="comma list: naive,worker,lean,fastcgi,native,spawn,rss,fairness"
     )
     parser.add_argument(
         "--spawn-runs", type=int, default=200, help="spawn lag: processor starts per spawner"
@@ -404,6 +409,21 @@ def main(argv: list[str] | None = None) -> int:
                         )
                     finally:
                         stop_fpm(fpm[0])
+            if "native" not in skip:
+                native = load.build_native_processor(tmp)
+                if native is None:
+                    res["skipped"].append("native (no C compiler for bench/processor.c)")
+                else:
+                    for kind in ("naive_native", "lean_native"):
+                        print(f"bench: {kind} …", file=sys.stderr, flush=True)
+                        res[kind] = run_throughput(
+                            kind,
+                            args,
+                            tmp,
+                            aws,
+                            {"MAILFLOW_AWS_CLIENT": "lean"} if kind == "lean_native" else None,
+                            native=native,
+                        )
             if "spawn" not in skip:
                 print("bench: spawn lag …", file=sys.stderr, flush=True)
                 res["spawn_lag"] = spawn_lag.measure_all(

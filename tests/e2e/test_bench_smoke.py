@@ -1,6 +1,7 @@
-"""`make bench` works: a tiny run of bench/run.py end to end (moto, naive consumer, worker,
-fastcgi when php-fpm is there, RSS, fairness). Only the shape of the output is checked here;
-the figures mean something at the default size (docs/performance.md)."""
+"""`make bench` works: a tiny run of bench/run.py end to end (moto, naive consumer, worker on
+both AWS clients, fastcgi when php-fpm is there, spawn lag, RSS, fairness). Only the shape of
+the output is checked here; the figures mean something at the default size
+(docs/performance.md)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,10 @@ def test_bench_runs_and_writes_its_table_and_json(tmp_path: Path) -> None:
             "200",
             "--flood",
             "20",
+            "--spawn-runs",
+            "16",
+            "--skip",
+            "native",  # the same phase code on another processor: not worth CI's time
             "--out",
             str(out),
         ],
@@ -47,7 +52,7 @@ def test_bench_runs_and_writes_its_table_and_json(tmp_path: Path) -> None:
     table = (out / "latest.md").read_text()
     print(table)
     assert result["backend"].startswith("moto")
-    for consumer in ("naive", "worker"):
+    for consumer in ("naive", "worker", "lean"):
         figures = result[consumer]
         assert figures["throughput_per_s"] > 0
         assert figures["cpu_ms_per_delivery"] > 0
@@ -56,7 +61,11 @@ def test_bench_runs_and_writes_its_table_and_json(tmp_path: Path) -> None:
     assert result["rss"]["statuses"] == ["succeeded"]
     assert result["fairness"]["lone_latency_ms"] is not None
     names = {t["target"] for t in result["targets"]}
-    assert "throughput vs naive consumer" in names
+    assert "throughput vs naive consumer (botocore client)" in names
+    assert "worker CPU per delivery (lean client)" in names
+    assert result["lean"]["aws_calls_per_delivery"]["ddb.update_item"] > 0  # counted on lean too
+    assert result["spawn_lag"]["helper"]["p99_ms"] >= 0
+    assert result["worker"]["cpu_ceiling_per_s"] > 0
     assert "| target | measured | limit | met |" in table
     assert result["worker"]["aws_calls_per_delivery"]["ddb.update_item"] > 0
     assert result["worker"]["item_bytes"]["max"] > 0
