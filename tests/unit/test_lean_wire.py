@@ -249,3 +249,29 @@ def test_a_proxy_keeps_botocore_for_every_call(monkeypatch: pytest.MonkeyPatch) 
             return isinstance(clients.dynamodb, lean.LeanClient)
 
     assert run(main()) is False
+
+
+def test_a_bucket_in_another_region_is_left_to_botocore(monkeypatch: pytest.MonkeyPatch) -> None:
+    """S3 answers 301 PermanentRedirect; botocore knows how to follow it, the lean path
+    hands the call over instead of failing the mail."""
+    calls: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        calls.append(request.headers.get("User-Agent", ""))
+        if len(calls) == 1:  # S3's 307 names a Location that a signed request must not follow
+            xml = b"<Error><Code>TemporaryRedirect</Code><Message>elsewhere</Message></Error>"
+            return web.Response(
+                status=307,
+                body=xml,
+                content_type="application/xml",
+                headers={"Location": "http://127.0.0.1:9/never"},
+            )
+        return web.Response(body=b"mail")
+
+    async def scenario(clients: boundary.AwsClients) -> Any:
+        resp = await clients.s3.get_object(Bucket="mail", Key="m")
+        async with resp["Body"] as body:
+            return await body.read()
+
+    assert run(with_clients(monkeypatch, handler, scenario)) == b"mail"
+    assert len(calls) == 2  # ours, then botocore's

@@ -57,6 +57,10 @@ HOT_OPERATIONS: Mapping[str, frozenset[str]] = {
 }
 #: GetObject parameters this path sends; any other (VersionId, SSE-C, ...) goes to botocore.
 S3_GET_PARAMS = frozenset({"Bucket", "Key", "Range"})
+#: S3's answers for a bucket in another region than the request's: botocore redirects.
+S3_WRONG_REGION = frozenset(
+    {"PermanentRedirect", "AuthorizationHeaderMalformed", "301", "307", "TemporaryRedirect"},
+)
 #: A bucket name that is also a DNS label set without dots (virtual-hosted addressing works).
 _DNS_BUCKET = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
 _S3_ERROR_CODE = re.compile(rb"<Code>([^<]*)</Code>")
@@ -118,7 +122,14 @@ class LeanClient:
                     self._aws_endpoint and not _DNS_BUCKET.fullmatch(bucket)
                 ):
                     return dict(await fallback(**kwargs))
-                return await self._s3_get(operation, bucket, kwargs["Key"], kwargs.get("Range"))
+                try:
+                    return await self._s3_get(operation, bucket, kwargs["Key"], kwargs.get("Range"))
+                except botocore.exceptions.ClientError as exc:
+                    if error_code(exc) not in S3_WRONG_REGION:
+                        raise
+                # The bucket is in another region than the client's: botocore follows S3's
+                # redirect (and caches the bucket's region); this path does not.
+                return dict(await fallback(**kwargs))
 
         else:
 
@@ -152,7 +163,10 @@ class LeanClient:
             dt.datetime.now(dt.UTC),
         )
         async with self._http.post(
-            URL(self._endpoint + "/", encoded=True), data=body, headers=headers
+            URL(self._endpoint + "/", encoded=True),
+            data=body,
+            headers=headers,
+            allow_redirects=False,  # a signed request is valid for its own host only
         ) as resp:
             raw = await resp.read()
             status = resp.status
@@ -199,7 +213,11 @@ class LeanClient:
             dt.datetime.now(dt.UTC),
             s3=True,
         )
-        resp = await self._http.get(URL(url, encoded=True), headers=headers)
+        resp = await self._http.get(
+            URL(url, encoded=True),
+            headers=headers,
+            allow_redirects=False,  # S3's region redirects go to botocore (S3_WRONG_REGION)
+        )
         if resp.status >= 300:
             try:
                 raw = await resp.read()
@@ -263,6 +281,11 @@ class StreamingBody:
     async def __aexit__(self, *exc: object) -> None:
         """Close it."""
         self.close()
+
+
+def error_code(exc: botocore.exceptions.ClientError) -> str:
+    """A ClientError's AWS error code ("" if none)."""
+    return str(exc.response.get("Error", {}).get("Code", ""))
 
 
 def _blob_to_json(value: Any) -> str:
