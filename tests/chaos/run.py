@@ -263,7 +263,8 @@ class ChaosReport:
     wrong: list[str] = field(default_factory=list)
     dup_effects: dict[str, int] = field(default_factory=dict)
     unexplained_dups: list[str] = field(default_factory=list)
-    #: repeats whose first run was killed after its effect, but not among a kill's snapshot
+    #: repeats after an unrecorded attempt whose processor no kill's snapshot caught (it had
+    #: exited, or started as the kill began)
     unattributed_kills: list[str] = field(default_factory=list)
     interrupted: list[str] = field(default_factory=list)
     kills: list[Kill] = field(default_factory=list)
@@ -694,14 +695,16 @@ class Chaos:
             rep.replays += sum(1 for r in effects if r.effect == "replay")
             if len(effects) > 1:
                 rep.dup_effects[p.delivery_id] = len(effects)
-                # The at-least-once window: a run killed after its effect, before its exit.
-                # Who killed it is usually a chaos kill; a processor killed as its worker died
-                # can escape that kill's process snapshot, so the run's own record decides
-                # (overlapping runs, the real hazard, are checked below).
-                killed_after_effect = [r for r in effects[:-1] if r.exit_code is None]
-                if not killed_after_effect:
+                # The at-least-once window: an attempt that did its effect and never got its
+                # outcome recorded (its worker died after the effect: while the processor
+                # ran, or after it exited and before the outcome write). The ledger's own
+                # history says which attempts those were; a repeat after an attempt whose
+                # outcome *was* recorded is a real double run (as are overlapping runs,
+                # checked below).
+                unrecorded = set(gaps)
+                if any(r.attempt not in unrecorded for r in effects[:-1]):
                     rep.unexplained_dups.append(p.delivery_id)
-                elif not any(r.pid in killed_pids for r in killed_after_effect):
+                elif not any(r.pid in killed_pids for r in effects[:-1]):
                     rep.unattributed_kills.append(p.delivery_id)
             ordered = sorted(runs, key=lambda r: r.start_s)
             for a, b in itertools.pairwise(ordered):
@@ -797,7 +800,7 @@ class Chaos:
             rep.problems.append(f"wrong outcome: {rep.wrong}")
         if rep.unexplained_dups:
             rep.problems.append(
-                f"repeated effects after a run that exited normally: {rep.unexplained_dups}"
+                f"repeated effects after an attempt with a recorded outcome: {rep.unexplained_dups}"
             )
         repeats = sum(n - 1 for n in rep.dup_effects.values())
         if rep.replays != repeats:
@@ -848,7 +851,7 @@ def print_report(rep: ChaosReport, cfg: ChaosConfig, workdir: Path) -> None:
         )
     if rep.unattributed_kills:
         out.write(
-            "  killed after the effect, outside any kill's process snapshot:"
+            "  repeated after an unrecorded attempt outside any kill's process snapshot:"
             f" {rep.unattributed_kills}\n"
         )
     out.write(f"  replays caught by MAILFLOW_DELIVERY_ID: {rep.replays}\n")
