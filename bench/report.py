@@ -220,7 +220,13 @@ def markdown(res: dict[str, Any]) -> str:
             (
                 f"Event-loop lag while processors start ({spawn['runs']} × {spawn['command']!r},"
                 f" {spawn['concurrency']} at a time; mean of two interleaved runs each), p99:"
-                f" spawner helper {fmt(spawn['helper']['p99_ms'])} ms, thread spawner"
+                f" spawner helper {fmt(spawn['helper']['p99_ms'])} ms"
+                + (
+                    f" (processors at nice 0: {fmt(spawn['helper_nice0']['p99_ms'])} ms)"
+                    if "helper_nice0" in spawn
+                    else ""
+                )
+                + f", thread spawner"
                 f" {fmt(spawn['thread']['p99_ms'])} ms, asyncio.create_subprocess_exec"
                 f" {fmt(spawn['asyncio']['p99_ms'])} ms. (The throughput runs' own loop lag"
                 " above is what a CPU-starved worker sees on this box: the backends, the"
