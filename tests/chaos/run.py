@@ -263,8 +263,8 @@ class ChaosReport:
     wrong: list[str] = field(default_factory=list)
     dup_effects: dict[str, int] = field(default_factory=dict)
     unexplained_dups: list[str] = field(default_factory=list)
-    #: repeats after an unrecorded attempt whose processor no kill's snapshot caught (it had
-    #: exited, or started as the kill began)
+    #: repeats after an attempt that did not end the delivery, whose processor no kill's
+    #: snapshot caught (it had exited, timed out, or was handed back at shutdown)
     unattributed_kills: list[str] = field(default_factory=list)
     interrupted: list[str] = field(default_factory=list)
     kills: list[Kill] = field(default_factory=list)
@@ -695,14 +695,15 @@ class Chaos:
             rep.replays += sum(1 for r in effects if r.effect == "replay")
             if len(effects) > 1:
                 rep.dup_effects[p.delivery_id] = len(effects)
-                # The at-least-once window: an attempt that did its effect and never got its
-                # outcome recorded (its worker died after the effect: while the processor
-                # ran, or after it exited and before the outcome write). The ledger's own
-                # history says which attempts those were; a repeat after an attempt whose
-                # outcome *was* recorded is a real double run (as are overlapping runs,
-                # checked below).
-                unrecorded = set(gaps)
-                if any(r.attempt not in unrecorded for r in effects[:-1]):
+                # The at-least-once window: an attempt that did its effect and did not end
+                # the delivery: its worker died before the outcome write (no history entry),
+                # or its outcome was a retry (a timeout, a shutdown that handed it back). A
+                # repeat after an attempt whose recorded outcome was terminal is a real
+                # double run (as are overlapping runs, checked below).
+                ended = {
+                    int(h["attempt"]) for h in rec.get("history", []) if h.get("status") in TERMINAL
+                }
+                if any(r.attempt in ended for r in effects[:-1]):
                     rep.unexplained_dups.append(p.delivery_id)
                 elif not any(r.pid in killed_pids for r in effects[:-1]):
                     rep.unattributed_kills.append(p.delivery_id)
@@ -800,7 +801,7 @@ class Chaos:
             rep.problems.append(f"wrong outcome: {rep.wrong}")
         if rep.unexplained_dups:
             rep.problems.append(
-                f"repeated effects after an attempt with a recorded outcome: {rep.unexplained_dups}"
+                f"repeated effects after an attempt that ended the delivery: {rep.unexplained_dups}"
             )
         repeats = sum(n - 1 for n in rep.dup_effects.values())
         if rep.replays != repeats:
@@ -851,7 +852,7 @@ def print_report(rep: ChaosReport, cfg: ChaosConfig, workdir: Path) -> None:
         )
     if rep.unattributed_kills:
         out.write(
-            "  repeated after an unrecorded attempt outside any kill's process snapshot:"
+            "  repeated after an attempt outside any kill's process snapshot:"
             f" {rep.unattributed_kills}\n"
         )
     out.write(f"  replays caught by MAILFLOW_DELIVERY_ID: {rep.replays}\n")
