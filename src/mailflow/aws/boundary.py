@@ -343,8 +343,8 @@ async def open_clients(
     config = client_config(max_pool_connections)
     async with contextlib.AsyncExitStack() as stack:
 
-        async def enter(client: Any) -> Any:
-            return await stack.enter_async_context(client)
+        async def enter(opened: Any) -> Any:
+            return await stack.enter_async_context(opened)
 
         s3 = await enter(session.client("s3", region_name=mail_region, config=config))
         sqs = await enter(session.client("sqs", config=config))
