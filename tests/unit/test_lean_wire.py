@@ -275,3 +275,23 @@ def test_a_bucket_in_another_region_is_left_to_botocore(monkeypatch: pytest.Monk
 
     assert run(with_clients(monkeypatch, handler, scenario)) == b"mail"
     assert len(calls) == 2  # ours, then botocore's
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "retryable"),
+    [(502, b"<html>Bad Gateway</html>", True), (200, b"<html>", True), (403, b"denied", False)],
+)
+def test_an_answer_that_is_not_json_is_an_aws_error_not_a_crash(
+    monkeypatch: pytest.MonkeyPatch, status: int, body: bytes, retryable: bool
+) -> None:
+    async def handler(_: web.Request) -> web.Response:
+        return web.Response(status=status, body=body, content_type="text/html")
+
+    async def scenario(clients: boundary.AwsClients) -> Any:
+        return await clients.dynamodb.get_item(TableName="t", Key={"pk": {"S": "a"}})
+
+    with pytest.raises(Exception) as caught:
+        run(with_clients(monkeypatch, handler, scenario))
+    error = boundary.map_error("ddb.GetItem", caught.value)
+    expected = boundary.RetryableAwsError if retryable else boundary.AwsPermanentError
+    assert isinstance(error, expected)

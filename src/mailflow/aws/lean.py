@@ -176,7 +176,14 @@ class LeanClient:
         if crc is not None and crc.isdigit() and zlib.crc32(raw) & 0xFFFFFFFF != int(crc):
             # botocore retries a CRC mismatch; here it is a transient fault the boundary retries
             raise aiohttp.ClientPayloadError(f"{operation}: response CRC32 mismatch")
-        parsed = json.loads(raw) if raw else {}
+        try:
+            parsed = json.loads(raw) if raw else {}
+        except ValueError:  # not JSON: a proxy's or load balancer's page, a cut body
+            if status < 300:
+                raise aiohttp.ClientPayloadError(f"{operation}: answer is not JSON") from None
+            parsed = {"message": raw[:200].decode("utf-8", "replace")}  # as botocore does
+        if not isinstance(parsed, dict):
+            raise aiohttp.ClientPayloadError(f"{operation}: answer is not a JSON object")
         if b'"B' in raw:  # binary attribute values come base64-encoded
             parsed = _json_blobs(parsed)
         if status >= 300:
