@@ -375,16 +375,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="mailflow-bench-") as tmpdir:
             tmp = Path(tmpdir)
+
+            def throughput(kind: str, native: Path | None = None) -> None:
+                print(f"bench: {kind} …", file=sys.stderr, flush=True)
+                lean = {"MAILFLOW_AWS_CLIENT": "lean"} if kind.startswith("lean") else None
+                res[kind] = run_throughput(kind, args, tmp, aws, lean, native=native)
+
             for kind in ("naive", "worker", "lean"):
                 if kind not in skip:
-                    print(f"bench: {kind} …", file=sys.stderr, flush=True)
-                    res[kind] = run_throughput(
-                        kind,
-                        args,
-                        tmp,
-                        aws,
-                        {"MAILFLOW_AWS_CLIENT": "lean"} if kind == "lean" else None,
-                    )
+                    throughput(kind)
             if "fastcgi" not in skip:
                 fpm = start_fpm(args, tmp)
                 if fpm is None:
@@ -415,15 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                     res["skipped"].append("native (no C compiler for bench/processor.c)")
                 else:
                     for kind in ("naive_native", "lean_native"):
-                        print(f"bench: {kind} …", file=sys.stderr, flush=True)
-                        res[kind] = run_throughput(
-                            kind,
-                            args,
-                            tmp,
-                            aws,
-                            {"MAILFLOW_AWS_CLIENT": "lean"} if kind == "lean_native" else None,
-                            native=native,
-                        )
+                        throughput(kind, native)
             if "spawn" not in skip:
                 print("bench: spawn lag …", file=sys.stderr, flush=True)
                 res["spawn_lag"] = spawn_lag.measure_all(
