@@ -67,6 +67,8 @@ run: $(STAMP)
 
 # pytest-xdist processes. Most tests wait on servers and subprocesses, so more workers than
 # the 2 cores we plan for overlap those waits; `make test TEST_WORKERS=0` runs in one process.
+# Work stealing: an idle worker takes half of a busy one's queue (with `--dist load` a worker
+# was handed a block of long end-to-end tests and ran alone for the last ~3 of ~6.5 minutes).
 # The unit tests keep busy the one core they have: two workers save a second of ~18 and
 # double their CPU, so `make unit` runs in one process unless UNIT_WORKERS says otherwise.
 TEST_WORKERS ?= 4
@@ -84,7 +86,7 @@ test:
 	# compile src/ again: compile it once (up-to-date files are skipped).
 	$(BIN)/python -m compileall -q src >/dev/null
 	MAILFLOW_CHECKOV=$(CHECKOV_VENV)/bin/checkov \
-		$(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS)
+		$(BIN)/pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist worksteal
 
 ## unit: pure logic and the logic on in-memory fakes (contract suite on the fakes): no server, no php
 unit: $(STAMP)

@@ -52,11 +52,23 @@ FOLDER_MARKERS = {"e2e": "e2e", "contract": "contract", "unit": "unit", "deploy"
 BINARY_MARKERS = {"php": ("php",), "phpfpm": PHP_FPM_NAMES}
 
 
+#: Run order, longest first: with several pytest-xdist workers the suite ends when its last
+#: long test does, so long tests start early and the many short ones fill the gaps at the end.
+FOLDER_ORDER = ("e2e", "contract", "deploy", "unit")
+
+
+def _run_rank(item: pytest.Item) -> tuple[int, int]:
+    folder = Path(item.path).relative_to(TESTS).parts[0]
+    not_slow = item.get_closest_marker("slow") is None
+    return (not_slow, FOLDER_ORDER.index(folder) if folder in FOLDER_ORDER else len(FOLDER_ORDER))
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         folder = Path(item.path).relative_to(TESTS).parts[0]
         if folder in FOLDER_MARKERS:
             item.add_marker(FOLDER_MARKERS[folder])
+    items.sort(key=_run_rank)  # stable: a module's tests stay in their written order
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

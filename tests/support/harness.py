@@ -44,6 +44,8 @@ SERVICE_ENDPOINT_VARS = (
     "AWS_ENDPOINT_URL_DYNAMODB",
 )
 
+#: What decides where a boto3 client sends its calls (Env.boto keeps one client per value).
+_CLIENT_ENV = (*SERVICE_ENDPOINT_VARS, "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")
 
 #: Where daemons live on Debian: php-fpm8.2 is in /usr/sbin, which a user's PATH may lack.
 EXTRA_SBIN = "/usr/sbin:/usr/local/sbin:/sbin"
@@ -79,6 +81,7 @@ class Env:
     settings: Settings
     ledger_dir: Path
     extra: dict[str, Any] = field(default_factory=dict)
+    _boto_clients: dict[tuple[str, ...], Any] = field(default_factory=dict, repr=False)
 
     def with_settings(self, **overrides: Any) -> Settings:
         return self.settings.model_copy(update=overrides)
@@ -86,8 +89,13 @@ class Env:
     # --- the backend, synchronously (boto3), for assertions ---------------------------------
 
     def boto(self, service: str) -> Any:
-        # The endpoint comes from AWS_ENDPOINT_URL_<SERVICE> or AWS_ENDPOINT_URL, as the worker's.
-        return boto3.client(service)
+        """A boto3 client of `service`, made once per endpoint and region: the endpoint comes
+        from AWS_ENDPOINT_URL_<SERVICE> or AWS_ENDPOINT_URL, as the worker's."""
+        key = (service, *(os.environ.get(name, "") for name in _CLIENT_ENV))
+        client = self._boto_clients.get(key)
+        if client is None:
+            client = self._boto_clients[key] = boto3.client(service)
+        return client
 
     def queue_url(self, dlq: bool = False) -> str:
         name = self.settings.dlq if dlq else self.settings.queue

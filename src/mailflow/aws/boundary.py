@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import aioboto3
 import aiohttp
 import botocore.exceptions
+import botocore.loaders
 import botocore.utils
 import structlog
 from aiobotocore.config import AioConfig
@@ -308,8 +309,21 @@ def _timestamp(value: str) -> dt.datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
+#: One loader per data path for every session of the process: botocore parses a service's
+#: model (S3's alone is ~1 MB of JSON) once per loader, so sharing it makes a second
+#: `open_clients` ~6x cheaper in CPU (0.15-0.35 s down to ~0.03 s for the five clients).
+#: Processes that open clients more than once (the tests, the bench, `mailflow dev`) pay it
+#: once. The loader only reads packaged model files and caches what it parsed.
+_LOADERS: dict[str | None, botocore.loaders.Loader] = {}
+
+
 def _botocore_session() -> AioSession:
     session = AioSession()
+    data_path = session.get_config_variable("data_path")  # AWS_DATA_PATH, as botocore reads it
+    loader = _LOADERS.get(data_path)
+    if loader is None:
+        loader = _LOADERS[data_path] = botocore.loaders.create_loader(data_path)
+    session.register_component("data_loader", loader)
     session.get_component("response_parser_factory").set_parser_defaults(
         timestamp_parser=_timestamp
     )
