@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import datetime as dt
 import email.utils
+import functools
 import platform
 import random
+import ssl
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -24,10 +26,12 @@ from typing import Any, TypeVar
 import aioboto3
 import aiohttp
 import botocore.exceptions
+import botocore.httpsession
 import botocore.loaders
 import botocore.utils
 import structlog
 from aiobotocore.config import AioConfig
+from aiobotocore.httpsession import AIOHTTPSession
 from aiobotocore.session import AioSession
 from tenacity import (
     AsyncRetrying,
@@ -270,6 +274,44 @@ CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 30.0  # > the 20 s SQS long poll
 
 
+@functools.cache
+def tls_context(ca_bundle: str) -> ssl.SSLContext:
+    """The process's one TLS context for `ca_bundle`: chain *and* host name checked.
+
+    Loading a CA bundle costs ~37 ms of CPU, and aiobotocore loads it into a new context for
+    every client (five per `open_clients`, so ~0.19 s of every CLI command). Its context also
+    leaves `check_hostname` off (urllib3's default, where urllib3 matches host names itself;
+    aiohttp does not), so a certificate for any name would be accepted. One context per bundle
+    fixes both; `ssl.SSLContext` is meant to be shared between connections."""
+    context = ssl.create_default_context(cafile=ca_bundle)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+class SharedTLSSession(AIOHTTPSession):
+    """aiobotocore's HTTP session on `tls_context`: same pool, timeouts and proxies. A client
+    certificate or a proxy keeps aiobotocore's own per-client context."""
+
+    # Set by aiobotocore's __init__ (its type stubs leave private attributes out).
+    _verify: bool | str
+    _cert_file: str | None
+    _max_pool_connections: int
+    _connector_args: dict[str, Any]
+
+    def _create_connector(self, proxy_url: str | None) -> aiohttp.TCPConnector:
+        if proxy_url or self._cert_file or not self._verify:
+            connector: aiohttp.TCPConnector = super()._create_connector(proxy_url)  # type: ignore[misc]
+            return connector
+        # verify is True (botocore's default bundle) or a bundle's path (AWS_CA_BUNDLE).
+        verify = self._verify
+        ca_bundle = verify if isinstance(verify, str) else botocore.httpsession.get_cert_path(True)  # noqa: FBT003
+        return aiohttp.TCPConnector(
+            limit=self._max_pool_connections,
+            ssl=tls_context(ca_bundle),
+            **self._connector_args,
+        )
+
+
 def client_config(max_pool_connections: int = 32) -> AioConfig:
     """The botocore configuration for every client: botocore's own retries off (the boundary's
     `call` is the one retry layer), timeouts above the SQS long poll, and at most
@@ -292,6 +334,7 @@ def client_config(max_pool_connections: int = 32) -> AioConfig:
         # (SHA-256), and TLS protects it in transit. Checksums still apply where S3 requires.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
+        http_session_cls=SharedTLSSession,
     )
 
 

@@ -39,6 +39,7 @@ import botocore.exceptions
 import botocore.httpsession
 from yarl import URL
 
+from mailflow.aws import boundary
 from mailflow.aws.sigv4 import EMPTY_SHA256, Credentials, Signer
 
 #: The operations sent on the lean path, by service (botocore method names).
@@ -372,9 +373,10 @@ def unsupported_environment() -> str | None:
 
 def tls_context() -> ssl.SSLContext:
     """Server certificates checked against the CA bundle botocore uses: AWS_CA_BUNDLE when
-    set, else botocore's default (certifi's), so both paths trust the same authorities."""
+    set, else botocore's default (certifi's), so both paths trust the same authorities; the
+    same shared context as the botocore clients' (`boundary.tls_context`)."""
     bundle = os.environ.get("AWS_CA_BUNDLE") or botocore.httpsession.get_cert_path(True)  # noqa: FBT003 - its API
-    return ssl.create_default_context(cafile=bundle)
+    return boundary.tls_context(bundle)
 
 
 def http_session(max_connections: int, connect_timeout_s: float, read_timeout_s: float) -> Any:
