@@ -3,7 +3,6 @@ consumer processes."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -375,7 +374,16 @@ def stores(count: int) -> Callable[[int], str]:
     return lambda i: f"ne-{i % count + 1:03d}@orders.example.com"
 
 
-def start_fpm(args: argparse.Namespace, tmp: Path) -> tuple[subprocess.Popen[bytes], str] | None:
+#: The FastCGI runner php-fpm runs (sidecar/run-local serves it).
+RUNNER_SCRIPT = REPO / "sidecar" / "runner.php"
+
+
+def start_fpm(
+    tmp: Path, max_children: int, allow: list[list[str]] | None = None
+) -> tuple[subprocess.Popen[bytes], str] | None:
+    """php-fpm with mailflow's runner on a free loopback port, as `sidecar/run-local` starts
+    it: (process, "host:port"), or None where php, php-fpm or the fastcgi transport is
+    missing. `allow`: the runner's argv prefixes (default: php on bench/processor.php)."""
     run_local = REPO / "sidecar" / "run-local"
     try:
         import mailflow.processors.fastcgi  # noqa: F401, PLC0415
@@ -397,9 +405,9 @@ def start_fpm(args: argparse.Namespace, tmp: Path) -> tuple[subprocess.Popen[byt
     env = os.environ | {
         "PHP_FPM": fpm,
         "MAILFLOW_FASTCGI_ADDRESS": address,
-        "MAILFLOW_RUNNER_ALLOW": json.dumps([[php, str(PHP_PROCESSOR)]]),
+        "MAILFLOW_RUNNER_ALLOW": json.dumps(allow or [[php, str(PHP_PROCESSOR)]]),
         "MAILFLOW_FPM_RUNDIR": str(tmp / "fpm"),
-        "MAILFLOW_FPM_MAX_CHILDREN": str(args.concurrency + 4),
+        "MAILFLOW_FPM_MAX_CHILDREN": str(max_children),
     }
     log = (tmp / "fpm.log").open("wb")
     proc = subprocess.Popen(

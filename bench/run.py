@@ -64,7 +64,7 @@ from load import (
     MIB,
     ORDER_MAIL,
     PROFILE_DIR,
-    REPO,
+    RUNNER_SCRIPT,
     Consumer,
     Phase,
     Producer,
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
                 if kind not in skip:
                     throughput(kind)
             if "fastcgi" not in skip:
-                fpm = start_fpm(args, tmp)
+                fpm = start_fpm(tmp, args.concurrency + 4)
                 if fpm is None:
                     res["skipped"].append(
                         "fastcgi (no mailflow.processors.fastcgi, run-local or php-fpm)"
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
                             {
                                 "MAILFLOW_PROCESSOR_TRANSPORT": "fastcgi",
                                 "MAILFLOW_FASTCGI_ADDRESS": fpm[1],
-                                "MAILFLOW_RUNNER_SCRIPT": str(REPO / "sidecar" / "runner.php"),
+                                "MAILFLOW_RUNNER_SCRIPT": str(RUNNER_SCRIPT),
                                 "MAILFLOW_AWS_CLIENT": "lean",
                             },
                             processor_pid=fpm[0].pid,

@@ -13,8 +13,6 @@ import contextlib
 import hashlib
 import json
 import os
-import statistics
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -700,73 +698,6 @@ def test_silent_peer_hits_the_worker_side_budget(mail):
     assert result.transport_error is not None
     assert "no answer from the runner within 0.5s" in result.transport_error
     assert time.monotonic() - started < 3
-
-
-# --- overhead (measured, printed, not asserted) -------------------------------------------------
-
-
-@pytest.mark.slow
-def test_overhead(fpm, php, mail, capsys):
-    n = 200
-    exit0 = ["php", "-r", "exit(0);"]
-
-    async def timed(processor, argv, check):
-        samples = []
-        for _ in range(n):
-            started = time.perf_counter()
-            result = await processor.run(req(argv, mail))
-            samples.append(time.perf_counter() - started)
-            check(result)
-        return samples
-
-    async def concurrent(processor, argv, width=8):
-        # As the worker does: at most MAILFLOW_CONCURRENCY (= pm.max_children) in flight.
-        gate = asyncio.Semaphore(width)
-
-        async def one():
-            async with gate:
-                return await processor.run(req(argv, mail))
-
-        started = time.perf_counter()
-        results = await asyncio.gather(*(one() for _ in range(n)))
-        assert all(r.exit_code == 0 for r in results)
-        return time.perf_counter() - started
-
-    def ok(result):
-        assert result.exit_code == 0, result
-
-    def refused(result):
-        assert result.refused
-
-    fastcgi = FastCGIProcessor(fpm.address, fpm.runner_script)
-
-    async def scenario():
-        return {
-            "exec  php -r 'exit(0);'": await timed(ExecProcessor(), exit0, ok),
-            "fcgi  php -r 'exit(0);'": await timed(fastcgi, exit0, ok),
-            "fcgi  refused (transport + runner only)": await timed(
-                fastcgi,
-                ["sh", "-c", "true"],
-                refused,
-            ),
-            "exec  /bin/true": await timed(ExecProcessor(), ["/bin/true"], ok),
-        }, {
-            "exec  x200, 8 at a time": await concurrent(ExecProcessor(), exit0),
-            "fcgi  x200, 8 at a time (8 fpm children)": await concurrent(fastcgi, exit0),
-        }
-
-    per_request, batch = asyncio.run(scenario())
-    with capsys.disabled():
-        version = sys.version.split()[0]
-        print(f"\nper-request latency over {n} sequential requests (ms), python {version}")
-        for name, samples in per_request.items():
-            ms = sorted(s * 1000 for s in samples)
-            print(
-                f"  {name:42s} median {statistics.median(ms):7.2f}"
-                f"  p90 {ms[int(0.9 * n)]:7.2f}  max {ms[-1]:7.2f}",
-            )
-        for name, total in batch.items():
-            print(f"  {name:42s} total {total * 1000:8.1f} ms  ({n / total:6.1f}/s)")
 
 
 def test_a_broken_allow_list_is_a_transport_error(tmp_path, scripts, mail):
