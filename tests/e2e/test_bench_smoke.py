@@ -1,4 +1,4 @@
-"""`make bench` works: a tiny run of bench/run.py end to end (moto, naive consumer, worker on
+"""`make bench` works: a tiny run (N=8) of bench/run.py end to end (moto, naive consumer, worker on
 both AWS clients, fastcgi when php-fpm is there, spawn lag, RSS, fairness). Only the shape of
 the output is checked here; the figures mean something at the default size
 (docs/performance.md)."""
@@ -25,7 +25,7 @@ def test_bench_runs_and_writes_its_table_and_json(tmp_path: Path) -> None:
             "--backend",
             "moto",  # the default (dynalite + LocalStack) needs `make backends`
             "--n",
-            "20",
+            "8",
             "--big-mails",
             "2",
             "--big-mib",
@@ -33,9 +33,9 @@ def test_bench_runs_and_writes_its_table_and_json(tmp_path: Path) -> None:
             "--rss-processor-ms",
             "200",
             "--flood",
-            "20",
+            "8",
             "--spawn-runs",
-            "16",
+            "8",
             "--skip",
             "native",  # the same phase code on another processor: not worth CI's time
             "--out",
@@ -56,7 +56,7 @@ def test_bench_runs_and_writes_its_table_and_json(tmp_path: Path) -> None:
         figures = result[consumer]
         assert figures["throughput_per_s"] > 0
         assert figures["cpu_ms_per_delivery"] > 0
-        assert figures["deliveries"] == 20
+        assert figures["deliveries"] == 8
     assert result["worker"]["loop_lag_samples"] > 0
     assert result["rss"]["statuses"] == ["succeeded"]
     assert result["fairness"]["lone_latency_ms"] is not None
