@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -67,3 +68,48 @@ def test_bad_setting_stops_start_with_one_line_and_exit_2(env: dict[str, str], n
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert needle in lines[0]
+
+
+#: Run `mailflow ARGS` in a fresh interpreter, then print which AWS SDK modules it loaded.
+_LOADED_SDK = """
+import sys
+from mailflow.cli.app import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+sdk = sorted(m for m in ("aioboto3", "aiobotocore", "botocore", "boto3") if m in sys.modules)
+print("sdk:", ",".join(sdk) or "none")
+"""
+
+
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["aliases", "--help"], ["check"]])
+def test_commands_that_never_call_aws_do_not_load_its_sdk(args: list[str]) -> None:
+    """Importing aioboto3 is most of a command's start-up (~0.35 of ~0.75 CPU-s): only the
+    commands that talk to AWS pay it. `check` is the container's HEALTHCHECK, run every 30 s
+    beside the worker."""
+    done = subprocess.run(
+        [sys.executable, "-c", _LOADED_SDK, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.stdout.splitlines()[-1] == "sdk: none", done.stdout[-500:]
+    if args == ["--version"]:
+        assert done.stdout.splitlines()[0] == f"mailflow {importlib.metadata.version('mailflow')}"
+
+
+def test_the_aws_package_loads_the_sdk_on_first_use_of_a_boundary_name() -> None:
+    """The other side of the check above: `mailflow.aws` re-exports the boundary lazily, and
+    the first use of one of its names loads it (and the SDK) as a plain import would."""
+    probe = (
+        "import sys, mailflow.aws.shapes\n"
+        "print('aiobotocore' in sys.modules)\n"
+        "from mailflow.aws import open_clients\n"
+        "print('aiobotocore' in sys.modules, open_clients.__module__)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split() == ["False", "True", "mailflow.aws.boundary"]

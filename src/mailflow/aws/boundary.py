@@ -20,11 +20,12 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from importlib.metadata import version
 from typing import Any, TypeVar
 
 import aioboto3
+import aiobotocore
 import aiohttp
+import botocore
 import botocore.exceptions
 import botocore.httpsession
 import botocore.loaders
@@ -41,6 +42,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
+import mailflow
 from mailflow.errors import PermanentError, TransientError
 
 log = structlog.get_logger("mailflow.aws")
@@ -233,8 +235,10 @@ async def _call(
 
 
 def _user_agent() -> str:
-    versions = " ".join(
-        f"{name}/{version(name)}" for name in ("mailflow", "aiobotocore", "botocore")
+    # The packages' own __version__, not importlib.metadata (a scan of sys.path per name).
+    versions = (
+        f"mailflow/{mailflow.__version__} aiobotocore/{aiobotocore.__version__}"
+        f" botocore/{botocore.__version__}"
     )
     return f"{versions} Python/{platform.python_version()}"
 
