@@ -69,9 +69,10 @@ run: $(STAMP)
 # the 2 cores we plan for overlap those waits; `make test TEST_WORKERS=0` runs in one process.
 # Work stealing: an idle worker takes half of a busy one's queue (with `--dist load` a worker
 # was handed a block of long end-to-end tests and ran alone for the last ~3 of ~6.5 minutes).
+# On the 2-core machine, pytest alone: 3 workers 293 s, 4 workers 258-274 s, 5 workers 241 s.
 # The unit tests keep busy the one core they have: two workers save a second of ~18 and
 # double their CPU, so `make unit` runs in one process unless UNIT_WORKERS says otherwise.
-TEST_WORKERS ?= 4
+TEST_WORKERS ?= 5
 UNIT_WORKERS ?= 0
 
 ## installs: the three venvs the tests use (`make -j3 installs` builds them side by side)
